@@ -5,6 +5,15 @@ pruned RNN-T loss with the warm-up weighting of spec 5.4, ScaledAdam + Eden, the
 batch-count adjustment for the model's schedules, autocast (bf16 anywhere, fp16 with a
 GradScaler on CUDA), a float64 running-average model, atomic checkpoints every N batches and
 every epoch, validation each epoch, and bad-batch guards.
+
+Under torchrun (``zipasr train --nproc-per-node N``; zipasr.train.launch) every process is one
+DDP rank, as icefall's train.py with ``--world-size N``: NCCL on CUDA (device cuda:LOCAL_RANK),
+gloo on CPU; gradients are averaged across ranks, so ScaledAdam's clipping sees the reduced
+gradients and every rank stays identical. Rank 0 alone writes checkpoints (the unwrapped model's
+state dict: no ``module.`` prefix), the running-average model, metrics and MLflow tracking; the
+validation loss is summed over the ranks' shards of the dev set; a bad batch on any rank makes
+every rank skip the step. The learning rate follows the raw batch index (Eden, as icefall) and
+the model's schedules the total batch duration max_duration x world_size.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from zipasr.track.tracker import Tracker
 from zipasr.train import checkpoint as ckpt
 from zipasr.train.config import TrainConfig, fingerprint
 from zipasr.train.data import filter_cuts, load_cuts, make_train_loader, make_valid_loader
+from zipasr.train.launch import dist_env
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +62,61 @@ class Trainer:
         self.bpe_model = Path(bpe_model)
         self.exp_dir = Path(exp_dir)
         self.progress = sys.stderr.isatty() if progress is None else progress
-        self.world_size, self.rank = 1, 0
+        # DDP rank (torchrun's environment); 1, 0, 0 for a single process
+        self.world_size, self.rank, self.local_rank = dist_env()
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
         self.tracker = tracker or Tracker()  # MLflow hooks (zipasr.track); no-op by default
 
     # -- setup -------------------------------------------------------------------------
 
     def _device(self) -> torch.device:
         if self.cfg.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.cfg.device)
+            dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            dev = torch.device(self.cfg.device)
+        if dev.type == "cuda" and self.world_size > 1:
+            dev = torch.device("cuda", self.local_rank)  # one GPU per rank
+        return dev
+
+    def _init_dist(self) -> None:
+        """Join the process group torchrun set up (MASTER_ADDR/PORT, RANK, WORLD_SIZE)."""
+        import torch.distributed as dist
+
+        if self.world_size == 1 or dist.is_initialized():
+            return
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        log.info("DDP: rank %d of %d (local rank %d), backend %s, device %s", self.rank,
+                 self.world_size, self.local_rank, backend, self.device)
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """Sum (or max) of ``values`` over the ranks, in float64."""
+        if self.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        t = torch.tensor(values, dtype=torch.float64, device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t.tolist()
 
     def _fingerprint(self) -> str:
         """What a run's result depends on: a changed value means a new experiment, not a resume."""
         cfg = {k: v for k, v in self.cfg.to_dict().items()
                if k not in TrainConfig.RESUMABLE_CHANGES}
         inputs = {str(p): self.input_md5[p] for p in self.train_cuts + [self.bpe_model]}
-        return fingerprint({"train": cfg, "model": asdict(self.model_config),
-                            "inputs": inputs})
+        fp = {"train": cfg, "model": asdict(self.model_config), "inputs": inputs}
+        if self.world_size != 1:
+            # the result depends on it (total batch, batch-count adjustment, sampler shards);
+            # left out at 1 so single-process experiments keep their fingerprints
+            fp["world_size"] = self.world_size
+        return fingerprint(fp)
 
     def _claim_exp_dir(self, fp: str) -> None:
         """Make exp_dir ours. Checkpoints of a different configuration are moved aside, never
@@ -96,6 +144,7 @@ class Trainer:
 
         cfg = self.cfg
         self.device = self._device()
+        self._init_dist()
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ZipasrError("train.precision fp16 needs a CUDA device; use bf16 on CPU")
         rnnt_loss.set_backend(cfg.rnnt_backend)
@@ -109,6 +158,15 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = Transducer(self.model_config).to(self.device)
         self.num_params = sum(p.numel() for p in self.model.parameters())
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # as icefall: layer skipping leaves some parameters unused in a step. The wrapper is
+            # used for training forwards only; self.model (what is saved, averaged, validated
+            # and given batch counts) stays the plain Transducer.
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                else None, find_unused_parameters=True)
         self.optimizer = ScaledAdam(
             get_parameter_groups_with_lrs(self.model, lr=cfg.base_lr, include_names=True),
             lr=cfg.base_lr, clipping_scale=2.0)
@@ -139,6 +197,8 @@ class Trainer:
             train, cfg, world_size=self.world_size, rank=self.rank, noise_cuts=noise)
         valid = load_cuts(self.valid_cuts)
         valid, _ = filter_cuts(valid, self.sp, 0.0, float("inf"))
+        if self.world_size > 1:  # each rank validates every world_size-th cut: all cuts once
+            valid = valid.subset(cut_ids=list(valid.ids)[self.rank::self.world_size])
         self.valid_loader = make_valid_loader(valid, cfg.max_duration)
 
     # -- state -------------------------------------------------------------------------
@@ -152,6 +212,7 @@ class Trainer:
             "grad_scaler": self.scaler.state_dict(),
             "sampler": {"epoch": self.cur_epoch, "batches_done": self.batches_in_epoch},
             "rng": ckpt.rng_state(),
+            "world_size": self.world_size,
             "model_config": asdict(self.model_config),
             "train_config": self.cfg.to_dict(),
             # icefall's params, flattened at the top level as icefall does
@@ -180,16 +241,29 @@ class Trainer:
         self.batches_in_epoch = state["sampler"]["batches_done"]
         self.best_valid_loss = state["best_valid_loss"]
         self.best_valid_epoch = state["best_valid_epoch"]
-        ckpt.set_rng_state(state["rng"])
+        ranks_rng = state.get("rng_ranks")
+        if ranks_rng and len(ranks_rng) == self.world_size:
+            ckpt.set_rng_state(ranks_rng[self.rank])  # each rank its own dropout stream
+        else:
+            ckpt.set_rng_state(state["rng"])
         log.info("resumed from %s (epoch %d, batch %d)", path, self.cur_epoch,
                  self.batch_idx_train)
         return True
 
     def _save(self, name: str) -> None:
-        if self.rank != 0:
-            return
-        ckpt.save(self.exp_dir / name, self._state())
-        ckpt.prune(self.exp_dir, self.cfg.keep_last_k)
+        """Rank 0 writes; with DDP every rank calls this (it gathers the ranks' RNG states, so a
+        resume continues every rank's dropout stream) and waits for the file."""
+        rngs = None
+        if self.world_size > 1:
+            rngs = [None] * self.world_size
+            torch.distributed.all_gather_object(rngs, ckpt.rng_state())
+        if self.rank == 0:
+            state = self._state()
+            if rngs is not None:
+                state["rng_ranks"] = rngs
+            ckpt.save(self.exp_dir / name, state)
+            ckpt.prune(self.exp_dir, self.cfg.keep_last_k)
+        self._barrier()
 
     # -- one batch ---------------------------------------------------------------------
 
@@ -208,8 +282,11 @@ class Trainer:
         y = self.sp.encode(sup["text"])
         with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype or
                             torch.float32, enabled=self.autocast_dtype is not None):
-            simple, pruned, ctc = self.model(feats, feature_lens, y, prune_range=cfg.prune_range,
-                                             am_scale=cfg.am_scale, lm_scale=cfg.lm_scale)
+            # DDP's wrapper only where gradients flow: validation runs the plain model, so the
+            # ranks' differing numbers of validation batches need no collective
+            model = self.ddp if self.ddp is not None and torch.is_grad_enabled() else self.model
+            simple, pruned, ctc = model(feats, feature_lens, y, prune_range=cfg.prune_range,
+                                        am_scale=cfg.am_scale, lm_scale=cfg.lm_scale)
         s_scale, p_scale = loss_scales(self.batch_idx_train, cfg.warm_step,
                                        cfg.simple_loss_scale)
         loss = torch.zeros((), device=self.device)
@@ -257,11 +334,12 @@ class Trainer:
         self.bad_in_a_row += 1
         self.bad_total += 1
         ids = [c.id for c in batch["supervisions"]["cut"]]
-        dest = self.exp_dir / "bad-batches" / f"batch-{self.batch_idx_train}.pt"
-        if self.rank == 0:
-            with atomic_path(dest) as tmp:
-                torch.save({"cut_ids": ids, "inputs": batch["inputs"],
-                            "text": batch["supervisions"]["text"], "why": why}, tmp)
+        suffix = f"-rank{self.rank}" if self.world_size > 1 else ""
+        dest = self.exp_dir / "bad-batches" / f"batch-{self.batch_idx_train}{suffix}.pt"
+        # every rank saves its own batch (with DDP the culprit may be any of them)
+        with atomic_path(dest) as tmp:
+            torch.save({"cut_ids": ids, "inputs": batch["inputs"],
+                        "text": batch["supervisions"]["text"], "why": why}, tmp)
         log.warning("batch %d skipped (%s); cuts %s...; saved to %s", self.batch_idx_train, why,
                     ids[:3], dest)
         self.optimizer.zero_grad(set_to_none=True)
@@ -272,13 +350,25 @@ class Trainer:
     def _train_step(self, batch: dict[str, Any]) -> dict[str, float] | None:
         try:
             loss, info = self._losses(batch)
-            if not math.isfinite(info["loss"]):
-                self._bad_batch(batch, f"non-finite loss {info['loss']}")
-                return None
-            self.scaler.scale(loss).backward()
+            why = None if math.isfinite(info["loss"]) else f"non-finite loss {info['loss']}"
         except (RuntimeError, ValueError, AssertionError) as e:
             if isinstance(e, ZipasrError):
                 raise
+            why = f"{type(e).__name__}: {e}"
+        if self.world_size > 1:
+            # every rank skips, or none: one rank alone in backward would wait forever in DDP's
+            # gradient all-reduce. Skipping backward after a forward is safe for DDP (no
+            # gradient hook has fired, so no reduction is pending).
+            if self._all_reduce([0.0 if why is None else 1.0], "max")[0] and why is None:
+                why = "a bad batch on another rank"
+        if why is not None:
+            self._bad_batch(batch, why)
+            return None
+        try:
+            self.scaler.scale(loss).backward()
+        except (RuntimeError, ValueError, AssertionError) as e:
+            if isinstance(e, ZipasrError) or self.world_size > 1:
+                raise  # with DDP the other ranks are inside the all-reduce: fail the job
             self._bad_batch(batch, f"{type(e).__name__}: {e}")
             return None
         self.scheduler.step_batch(self.batch_idx_train)
@@ -301,6 +391,7 @@ class Trainer:
                 tot += info["loss"]
                 frames += info["frames"]
         self.model.train()
+        tot, frames = self._all_reduce([tot, frames])  # each rank validated its shard
         return tot / max(frames, 1.0)
 
     # -- the loop ----------------------------------------------------------------------
@@ -331,13 +422,15 @@ class Trainer:
         self.input_md5 = {p: file_md5(p) for p in
                           dict.fromkeys(self.train_cuts + self.valid_cuts + [self.bpe_model])}
         self.fp = self._fingerprint()
-        self._claim_exp_dir(self.fp)
+        if self.rank == 0:
+            self._claim_exp_dir(self.fp)
+        self._barrier()  # every rank resumes from what rank 0 left in exp_dir
         self._data()
         self.batch_idx_train, self.cur_epoch, self.batches_in_epoch = 0, 1, 0
         self.best_valid_loss, self.best_valid_epoch = float("inf"), 0
         self.bad_in_a_row = self.bad_total = 0
         resumed = self._resume()
-        if resumed:
+        if resumed and self.rank == 0:
             self._truncate_metrics()
         log.info("model: %s params; %.2f h of training audio; device %s; precision %s",
                  f"{self.num_params:,}", self.train_hours, self.device, cfg.precision)
@@ -359,7 +452,7 @@ class Trainer:
             self.sampler.set_epoch(epoch - 1, skip=skip)
             self.train_dataset.epoch = epoch - 1
             bar = tqdm(total=est_batches, initial=skip, desc=f"epoch {epoch}/{cfg.num_epochs}",
-                       disable=not self.progress, mininterval=1.0)
+                       disable=not self.progress or self.rank != 0, mininterval=1.0)
             t_win, audio_win = time.perf_counter(), 0.0
             for batch in self.train_loader:
                 if self.batches_in_epoch % 10 == 0:
@@ -369,8 +462,8 @@ class Trainer:
                 info = self._train_step(batch)
                 if info is not None:
                     audio_win += info["audio_seconds"]
-                    if self.batch_idx_train % cfg.average_period == 0:
-                        self._update_average()
+                    if self.rank == 0 and self.batch_idx_train % cfg.average_period == 0:
+                        self._update_average()  # rank 0's checkpoints carry it (as icefall)
                     lr = self.scheduler.get_last_lr()[0]
                     bar.update(1)
                     bar.set_postfix(loss=f"{info['loss'] / max(info['frames'], 1):.3f}",
@@ -386,7 +479,8 @@ class Trainer:
                         if self.scaler.is_enabled():
                             rec["grad_scale"] = self.scaler.get_scale()
                         self._log_metrics(rec)
-                        self.tracker.log_train(rec, self.optimizer)  # tracking hook
+                        if self.rank == 0:
+                            self.tracker.log_train(rec, self.optimizer)  # tracking hook
                         log.info("epoch %d batch %d: loss %.4f lr %.2e, %.1f s audio/s", epoch,
                                  self.batch_idx_train, rec["loss"], lr, rec["audio_per_second"])
                         t_win, audio_win = time.perf_counter(), 0.0
@@ -394,7 +488,8 @@ class Trainer:
                     v = self.validate()
                     self._log_metrics({"batch": self.batch_idx_train, "epoch": epoch,
                                        "valid_loss": v})
-                    self.tracker.log_valid(self.batch_idx_train, epoch, v, False)  # tracking hook
+                    if self.rank == 0:
+                        self.tracker.log_valid(self.batch_idx_train, epoch, v, False)  # tracking
                 if cfg.save_every_n and self.batch_idx_train % cfg.save_every_n == 0:
                     self._save(f"checkpoint-{self.batch_idx_train}.pt")
             bar.close()
@@ -408,7 +503,8 @@ class Trainer:
                 self.best_valid_loss, self.best_valid_epoch = last_valid, epoch
             self._log_metrics({"batch": self.batch_idx_train, "epoch": epoch,
                                "valid_loss": last_valid})
-            self.tracker.log_valid(self.batch_idx_train, epoch, last_valid, True)  # tracking hook
+            if self.rank == 0:
+                self.tracker.log_valid(self.batch_idx_train, epoch, last_valid, True)  # tracking
             log.info("epoch %d done: valid loss %.4f (best %.4f at epoch %d)", epoch,
                      last_valid, self.best_valid_loss, self.best_valid_epoch)
             self.cur_epoch += 1
@@ -419,6 +515,6 @@ class Trainer:
                    "valid_loss": last_valid, "best_valid_loss": self.best_valid_loss,
                    "best_valid_epoch": self.best_valid_epoch, "num_params": self.num_params,
                    "train_hours": round(self.train_hours, 4), "resumed": resumed,
-                   "bad_batches": self.bad_total,
+                   "bad_batches": self.bad_total, "world_size": self.world_size,
                    "seconds_this_run": round(time.perf_counter() - t_start, 1)}
         return summary
