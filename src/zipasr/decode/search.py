@@ -17,6 +17,7 @@ the same effect).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,14 +41,18 @@ def _decoder_out(model: nn.Module, contexts: list[list[int]], device: torch.devi
     return model.joiner.decoder_proj(dec.squeeze(1))
 
 
-def _fill_cache(model: nn.Module, cache: dict[tuple[int, ...], Tensor],
-                contexts: list[tuple[int, ...]], device: torch.device) -> None:
-    """Add the projected decoder output of every context not yet in ``cache`` (one batched
-    decoder call). The stateless decoder depends on its last context_size tokens only."""
-    new = list(dict.fromkeys(c for c in contexts if c not in cache))
+def _decoder_outputs(model: nn.Module, cache: dict[tuple[int, ...], Tensor],
+                     hyps: Sequence[Sequence[int]], device: torch.device) -> Tensor:
+    """Projected decoder output for each hypothesis' last context_size tokens:
+    (len(hyps), joiner_dim). The stateless decoder depends on those tokens only, so outputs are
+    cached per context, and contexts not yet in ``cache`` go through one batched decoder call."""
+    context_size: int = model.decoder.context_size
+    ctxs = [tuple(h[-context_size:]) for h in hyps]
+    new = list(dict.fromkeys(c for c in ctxs if c not in cache))
     if new:
         out = _decoder_out(model, [list(c) for c in new], device)
         cache.update(zip(new, out, strict=True))
+    return torch.stack([cache[c] for c in ctxs])
 
 
 def _sort_by_length(encoder_out_lens: Tensor) -> tuple[list[int], list[int]]:
@@ -75,8 +80,9 @@ def greedy_search_batch(model: nn.Module, encoder_out: Tensor, encoder_out_lens:
     hyps = [[-1] * (context_size - 1) + [blank_id] for _ in range(N)]
     scores = [0.0] * N
     dec_cache: dict[tuple[int, ...], Tensor] = {}  # context -> projected decoder output (J,)
-    _fill_cache(model, dec_cache, [tuple(hyps[0])], device)
-    dec = dec_cache[tuple(hyps[0])].expand(N, -1)  # (N, J): every hypothesis starts alike
+    # (N, J): every hypothesis starts alike
+    dec = _decoder_outputs(model, dec_cache, [[-1] * (context_size - 1) + [blank_id]],
+                           device).expand(N, -1)
     for t in range(max(lens, default=0)):
         n = sum(1 for length in lens if length > t)  # running utterances: a prefix
         logits = model.joiner(enc[:n, t], dec[:n], project_input=False)  # (n, V)
@@ -91,10 +97,9 @@ def greedy_search_batch(model: nn.Module, encoder_out: Tensor, encoder_out_lens:
         if emitted:
             # Only hypotheses that changed need a new decoder output, and only contexts not
             # seen before in this batch need the decoder.
-            ctxs = [tuple(hyps[i][-context_size:]) for i in emitted]
-            _fill_cache(model, dec_cache, ctxs, device)
             dec = dec.clone()
-            dec[emitted] = torch.stack([dec_cache[c] for c in ctxs])
+            dec[emitted] = _decoder_outputs(model, dec_cache, [hyps[i] for i in emitted],
+                                            device)
     out: list[SearchResult | None] = [None] * N
     for pos, i in enumerate(order):
         out[i] = SearchResult(hyps[pos][context_size:], scores[pos])
@@ -134,11 +139,9 @@ def modified_beam_search(model: nn.Module, encoder_out: Tensor, encoder_out_lens
         flat = [ys for h in hyp_lists for ys, _ in h]
         row = torch.repeat_interleave(torch.arange(n, device=device),
                                       torch.tensor(counts, device=device))
-        # The decoder sees only the last context_size tokens, and most hypotheses keep
-        # their context from one frame to the next (blank): compute new contexts only.
-        ctxs = [ys[-context_size:] for ys in flat]
-        _fill_cache(model, dec_cache, ctxs, device)
-        dec = torch.stack([dec_cache[c] for c in ctxs])  # (H, J)
+        # Most hypotheses keep their context from one frame to the next (blank): the cache
+        # computes new contexts only.
+        dec = _decoder_outputs(model, dec_cache, flat, device)  # (H, J)
         logits = model.joiner(enc[row, t], dec, project_input=False)  # (H, V)
         V = logits.shape[-1]
         hyp_scores = torch.tensor([s for h in hyp_lists for _, s in h], dtype=torch.float64,
