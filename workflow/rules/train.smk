@@ -7,7 +7,22 @@ import json
 
 def train_options():
     """TrainConfig fields from the config's train section (exp-level keys removed)."""
-    return {k: v for k, v in config["train"].items() if k not in ("threads",)}
+    return {k: v for k, v in config["train"].items() if k not in ("threads", "num_procs")}
+
+
+def train_procs(wildcards, resources):
+    """DDP processes per node: one per GPU the job was given (the Slurm profile's `gpu`, the
+    job's total, on one node; or `gres: gpu:[model:]N`, N per node, on several), else
+    train.num_procs gloo processes on the CPU. One runs plain `zipasr train`; more relaunch it
+    through torchrun (zipasr.train.launch). A params value: the world size changes the result
+    (total batch, batch-count adjustment), so changing it retrains."""
+    gpus = int(resources.get("gpu", 0) or 0)
+    gres = str(resources.get("gres", "") or "")
+    if gres.startswith("gpu"):
+        gpus = int(gres.split(":")[-1]) if gres.split(":")[-1].isdigit() else 1
+    if gpus:
+        return gpus
+    return int(config["train"].get("num_procs", 1))
 
 
 rule train:
@@ -20,13 +35,16 @@ rule train:
     params:
         model=json.dumps(config["model"], sort_keys=True),
         train=json.dumps(train_options(), sort_keys=True),
+        nproc=train_procs,
     log:
         f"logs/train/{EXP_NAME}.log",
     benchmark:
         f"logs/train/{EXP_NAME}.benchmark.tsv"
     threads: config["train"].get("threads", 2)
     shell:
-        "OMP_NUM_THREADS={threads} zipasr train --train-cuts {input.train}"
+        # the job's CPU threads are shared by its processes on a node
+        "OMP_NUM_THREADS=$(( {threads} / {params.nproc} > 1 ? {threads} / {params.nproc} : 1 ))"
+        " zipasr train --nproc-per-node {params.nproc} --train-cuts {input.train}"
         " --valid-cuts {input.valid} --bpe-model {input.bpe} --exp-dir {EXP}"
         " --model {params.model:q} --train {params.train:q} --summary {output.summary}"
         " 2> {log}"

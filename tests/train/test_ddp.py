@@ -1,0 +1,306 @@
+"""DDP training on the CPU: two gloo processes started by torchrun, as the train rule starts them.
+
+* ``test_zipasr_train_two_ranks``: ``zipasr train --nproc-per-node 2`` (the rule's command; it
+  relaunches itself through ``torchrun --standalone``) trains the xs model for one epoch on the
+  tiny corpus. Rank 0's checkpoint holds the plain model (no ``module.`` prefix: it loads
+  strictly into a single-process Transducer) and the running average; the validation loss it
+  logged, summed over the two ranks' halves of the dev set, equals a single process's
+  validation loss over the whole dev set with the checkpoint's weights.
+* ``test_ddp_steps_match_single_process``: this file run as a torchrun worker (``__main__``
+  below) drives the real ``Trainer`` (its process group, DDP wrapper, ``_train_step``,
+  ScaledAdam, Eden) over fixed batches. What is compared, and why:
+
+  - DDP vs one process. Step s uses 8 fixed cuts; rank r trains on cuts r, r+2, ... of them,
+    the single process on all 8. The model is in eval mode for these steps: dropout, layer
+    skipping, the balancers' and whitening's random gradient edits and SpecAugment (not applied:
+    the batches are built without augmentation) are then off, so both runs compute the same
+    function and only the data split differs. icefall's losses are sums over utterances and DDP
+    averages gradients over ranks, so DDP's gradient is (g_A + g_B) / 2 where one process over
+    the union gets g_A + g_B; the reference therefore divides its loss by the world size, and
+    the two optimizers see the same gradient in exact arithmetic (ScaledAdam is not exactly
+    scale-invariant: its eps). Three optimizer steps later the parameters agree to float
+    tolerance (batches are padded differently, so float rounding differs).
+  - Ranks vs each other: after those steps and two more in train mode (stochastic; each rank
+    draws its own dropout masks), the two ranks' parameters are bit-identical, because every
+    rank applies the same all-reduced gradient.
+  - A non-finite loss on rank 1 only: both ranks skip the step (no deadlock, parameters
+    unchanged), and the next step trains again.
+  - The validation loss reduced over ranks equals the single-process one at the start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+STEPS, PER_STEP = 3, 8
+TRAIN = {"num_epochs": 1, "max_duration": 5, "num_buckets": 2, "num_workers": 0,
+         "log_interval": 1, "save_every_n": 2, "average_period": 2, "keep_last_k": 3,
+         "lr_batches": 20, "lr_epochs": 1, "warm_step": 10, "min_cut_duration": 0.5,
+         "spec_augment": False}
+
+
+def _trainer(paths: dict[str, Path], exp: Path, loss_scale: float = 1.0):
+    from zipasr.train.config import TrainConfig
+    from zipasr.train.trainer import Trainer
+
+    class Scaled(Trainer):
+        def _losses(self, batch):
+            batch = dict(batch, inputs=batch["inputs"].to(next(self.model.parameters()).dtype))
+            loss, info = super()._losses(batch)
+            return loss * loss_scale, info
+
+    t = Scaled(TrainConfig.from_dict(TRAIN), {"preset": "xs"}, train_cuts=[paths["train"]],
+               valid_cuts=[paths["dev"]], bpe_model=paths["bpe"], exp_dir=exp, progress=False)
+    torch.manual_seed(0)
+    t._build()
+    t.batch_idx_train, t.bad_in_a_row, t.bad_total = 0, 0, 0
+    return t
+
+
+@contextlib.contextmanager
+def _deterministic(model):
+    """The model in eval mode with no random gradient edits: Balancer and Whiten off (they act
+    whenever gradients flow, at random, from the batch's statistics, so they are not additive
+    over utterances), and the Swoosh derivatives' stochastic rounding to 8 bits made
+    round-to-nearest (elementwise, so additive over utterances)."""
+    from zipasr.model import scaling
+
+    for m in model.modules():
+        if isinstance(m, (scaling.Balancer, scaling.Whiten)):
+            if isinstance(m.prob, scaling.ScheduledFloat):
+                m.prob.default = 0.0  # what a ScheduledFloat gives in eval mode
+            else:
+                m.prob = 0.0
+    model.eval()
+    stochastic = scaling.quantize_deriv
+
+    def nearest(d, kind):
+        hi, lo = scaling._SWOOSH[kind][2], scaling._SWOOSH_DERIV_MIN
+        return ((d - lo) * (255.0 / (hi - lo)) + 0.5).to(torch.uint8)
+
+    scaling.quantize_deriv = nearest
+    try:
+        yield
+    finally:
+        scaling.quantize_deriv = stochastic
+
+
+def _batches(paths: dict[str, Path], world_size: int, rank: int) -> list[dict]:
+    """STEPS fixed batches: the cuts of step s are PER_STEP consecutive training cuts (by id);
+    this rank's share is every world_size-th of them."""
+    from lhotse import CutSet
+    from lhotse.dataset import K2SpeechRecognitionDataset
+
+    cuts = sorted(CutSet.from_file(paths["train"]), key=lambda c: c.id)
+    ds = K2SpeechRecognitionDataset(return_cuts=True)
+    return [ds[CutSet.from_cuts(cuts[s * PER_STEP:(s + 1) * PER_STEP][rank::world_size])]
+            for s in range(STEPS)]
+
+
+def _step(t, batch):
+    t._set_batch_count(t.batch_idx_train)
+    t.batch_idx_train += 1
+    return t._train_step(batch)
+
+
+def _valid(t, paths):
+    from zipasr.train.data import filter_cuts, load_cuts, make_valid_loader
+
+    valid, _ = filter_cuts(load_cuts([paths["dev"]]), t.sp, 0.0, float("inf"))
+    if t.world_size > 1:  # the trainer's own sharding (Trainer._data)
+        valid = valid.subset(cut_ids=list(valid.ids)[t.rank::t.world_size])
+    t.valid_loader = make_valid_loader(valid, t.cfg.max_duration)
+    return t.validate()
+
+
+def run_steps(paths: dict[str, Path], out: Path, loss_scale: float = 1.0) -> dict:
+    """What a worker (or the single-process reference) does; see the module docstring."""
+    torch.set_default_dtype(torch.float64)  # no float32 rounding to amplify (see docstring)
+    try:
+        t = _trainer(paths, out / "exp", loss_scale)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    res = {"valid0": _valid(t, paths)}
+    with _deterministic(t.model):  # the comparison with one process
+        for batch in _batches(paths, t.world_size, t.rank):
+            assert _step(t, batch) is not None
+    torch.save(t.model.state_dict(), out / f"eval-rank{t.rank}.pt")
+    # what the model's schedules were last given (batch 2 of 3), and Eden's learning rate
+    from zipasr.model.scaling import ScheduledFloat
+
+    res["batch_count"] = next(m.batch_count for m in t.model.modules()
+                              if isinstance(m, ScheduledFloat))
+    res["lr"] = t.scheduler.get_last_lr()[0]
+    if t.world_size == 1:
+        return res
+    t.model.train()  # stochastic: ranks must still agree bit for bit
+    batches = _batches(paths, t.world_size, t.rank)
+    for batch in batches[:2]:
+        assert _step(t, batch) is not None
+    torch.save(t.model.state_dict(), out / f"train-rank{t.rank}.pt")
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    bad = dict(batches[2], inputs=batches[2]["inputs"].clone())
+    if t.rank == 1:
+        bad["inputs"][:] = float("nan")
+    res["bad_step"] = _step(t, bad)
+    res["unchanged_after_bad"] = all(torch.equal(v, t.model.state_dict()[k])
+                                     for k, v in before.items())
+    res["after_bad"] = _step(t, batches[2]) is not None
+    torch.save(t.model.state_dict(), out / f"final-rank{t.rank}.pt")
+    return res
+
+
+def _torchrun_worker() -> None:
+    paths = {k: Path(v) for k, v in json.loads(sys.argv[1]).items()}
+    out = Path(sys.argv[2])
+    res = run_steps(paths, out)
+    (out / f"result-rank{os.environ['RANK']}.json").write_text(json.dumps(res))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    """The tiny corpus, plus copies of its cuts cut to 1 s each (``train_eq``, ``dev_eq``): with
+    equal lengths a batch has no padding, so how cuts are grouped into batches (one process vs
+    two shards) cannot change the losses (the Zipformer's convolutions see the padding)."""
+    from helpers import build_tiny_corpus
+    from lhotse import CutSet
+
+    root = tmp_path_factory.mktemp("corpus")
+    paths = build_tiny_corpus(root, 24)
+    for part in ("train", "dev"):
+        cuts = []
+        for c in CutSet.from_file(paths[part]):
+            c = c.truncate(duration=1.0, preserve_id=True)
+            c.supervisions = [dataclasses.replace(s, duration=1.0) for s in c.supervisions]
+            cuts.append(c)
+        paths[f"{part}_eq"] = root / f"cuts_{part}_eq.jsonl.gz"
+        CutSet.from_cuts(cuts).to_file(paths[f"{part}_eq"])
+    return paths
+
+
+def test_ddp_steps_match_single_process(corpus, tmp_path: Path) -> None:
+    from helpers import BIN, tool_env
+
+    corpus = dict(corpus, train=corpus["train_eq"], dev=corpus["dev_eq"])
+    ddp, ref = tmp_path / "ddp", tmp_path / "ref"
+    ddp.mkdir()
+    ref.mkdir()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [str(BIN / "torchrun"), "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+         __file__, json.dumps({k: str(v) for k, v in corpus.items()}), str(ddp)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=tool_env())
+    # the single-process reference meanwhile, here: one process over the union, loss / 2
+    want = run_steps(corpus, ref, loss_scale=0.5)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-5000:]
+    print(f"torchrun worker pair: {time.perf_counter() - t0:.1f} s")
+    res = [json.loads((ddp / f"result-rank{r}.json").read_text()) for r in (0, 1)]
+
+    # validation: summed over the ranks' shards == one process over the whole dev set
+    assert res[0]["valid0"] == res[1]["valid0"]
+    assert res[0]["valid0"] == pytest.approx(want["valid0"], rel=1e-6)
+
+    # ranks bit-identical, in eval mode, after stochastic steps and after the skipped batch
+    for stage in ("eval", "train", "final"):
+        a, b = (torch.load(ddp / f"{stage}-rank{r}.pt") for r in (0, 1))
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{stage}: {k} differs between ranks"
+
+    # DDP over 2 x 4 cuts == one process over the 8 cuts (same gradient, see docstring)
+    got = torch.load(ddp / "eval-rank0.pt")
+    exp = torch.load(ref / "eval-rank0.pt")
+    init = _trainer(corpus, tmp_path / "init").model.state_dict()
+    worst = 0.0
+    for k, v in exp.items():
+        if not v.is_floating_point():
+            continue
+        moved = (v - init[k]).abs().max().item()
+        err = (got[k] - v).abs().max().item()
+        worst = max(worst, err / max(moved, 1e-12) if moved else err)
+        torch.testing.assert_close(got[k], v, rtol=1e-7, atol=1e-8, msg=f"{k} differs")
+    assert any(not torch.equal(exp[k], init[k]) for k in exp), "the steps changed nothing"
+    print(f"largest difference relative to the update: {worst:.2e}")
+    assert worst < 1e-5
+    # as icefall: the model's schedules count batches of the total duration (x world size),
+    # Eden the raw batch index
+    assert res[0]["batch_count"] == pytest.approx(2 * want["batch_count"])
+    assert want["batch_count"] == pytest.approx(2 * TRAIN["max_duration"] / 600)
+    assert res[0]["lr"] == want["lr"]
+
+    # a non-finite loss on rank 1 alone: both skipped, nothing changed, training went on
+    for r in res:
+        assert r["bad_step"] is None and r["unchanged_after_bad"] and r["after_bad"]
+    assert sorted(p.name for p in (ddp / "exp" / "bad-batches").iterdir()) == [
+        "batch-6-rank0.pt", "batch-6-rank1.pt"]
+
+
+def test_zipasr_train_two_ranks(corpus, tmp_path: Path) -> None:
+    from helpers import BIN, tool_env
+
+    from zipasr.model import Transducer, ZipformerConfig
+
+    exp = tmp_path / "exp"
+    cmd = [str(BIN / "zipasr"), "train", "--nproc-per-node", "2",
+           "--train-cuts", str(corpus["train"]), "--valid-cuts", str(corpus["dev_eq"]),
+           "--bpe-model", str(corpus["bpe"]), "--exp-dir", str(exp),
+           "--model", json.dumps({"preset": "xs"}), "--train", json.dumps(TRAIN),
+           "--summary", str(exp / "summary.json"), "--no-progress"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=tool_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    print(f"zipasr train --nproc-per-node 2: {time.perf_counter() - t0:.1f} s")
+    assert "torchrun --standalone --nnodes 1 --nproc-per-node 2" in proc.stderr
+    assert "rank 0 of 2" in proc.stderr and "backend gloo" in proc.stderr
+    summary = json.loads((exp / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["batch_idx_train"] >= 1
+
+    ck = torch.load(exp / "epoch-1.pt", weights_only=False)
+    assert not any(k.startswith("module.") for k in ck["model"])
+    assert ck["model_avg"].keys() == ck["model"].keys() and len(ck["rng_ranks"]) == 2
+    model = Transducer(ZipformerConfig.from_dict(ck["model_config"]))
+    model.load_state_dict(ck["model"], strict=True)
+
+    # the logged validation loss (two shards, all-reduced) == one process over the whole dev set
+    logged = [json.loads(x) for x in (exp / "metrics.jsonl").read_text().splitlines()]
+    valid = [r["valid_loss"] for r in logged if "valid_loss" in r]
+    t = _trainer(dict(corpus, dev=corpus["dev_eq"]), tmp_path / "single")
+    t.model.load_state_dict(ck["model"])
+    t.batch_idx_train = ck["batch_idx_train"]
+    assert valid == [summary["valid_loss"]]
+    assert _valid(t, dict(corpus, dev=corpus["dev_eq"])) == pytest.approx(valid[-1], rel=1e-6)
+
+
+if __name__ == "__main__":
+    _torchrun_worker()
+
+
+def test_launch_commands() -> None:
+    """The command zipasr train replaces itself with: none for one process, torchrun on one
+    node, srun + one torchrun per node with a c10d rendezvous on the first host otherwise."""
+    from zipasr.train.launch import expand_nodelist, launch_command
+
+    assert expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07",
+                                                       "login1"]
+    assert launch_command(1, ["--x"], env={}) is None
+    assert launch_command(4, ["--x"], env={"LOCAL_RANK": "0", "WORLD_SIZE": "4"}) is None
+    one = launch_command(4, ["--x"], env={"SLURM_JOB_NUM_NODES": "1"})
+    assert one[1:6] == ["--standalone", "--nnodes", "1", "--nproc-per-node", "4"]
+    assert one[-4] == "--no-python" and one[-2:] == ["train", "--x"]
+    two = launch_command(4, ["--x"], env={"SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "77",
+                                          "SLURM_JOB_NODELIST": "n[3-4]"})
+    assert two[:3] == ["srun", "--overlap", "--jobid=77"]
+    assert "--ntasks-per-node" in two and two[two.index("--nnodes") + 1] == "2"
+    assert two[two.index("--rdzv-endpoint") + 1] == "n3:29400"
+    assert two[two.index("--nproc-per-node") + 1] == "4" and two[-2:] == ["train", "--x"]
