@@ -52,6 +52,23 @@ def validate_config(config: dict[str, Any], schema_path: str | Path = SCHEMA) ->
         raise ZipasrError("invalid config:\n  " + "\n  ".join(errors))
 
 
+def check_fields(cls: type, d: dict[str, Any], what: str,
+                 error: type[Exception] = ZipasrError) -> None:
+    """Raise ``error`` when ``d`` has keys that are not fields of the dataclass ``cls``, naming
+    each with the closest field when one is close:
+    ``unknown training option(s): num_epoch (did you mean 'num_epochs'?), foo``."""
+    import dataclasses
+
+    fields = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        named = []
+        for key in unknown:
+            hint = difflib.get_close_matches(key, fields, n=1)
+            named.append(f"{key} (did you mean {hint[0]!r}?)" if hint else key)
+        raise error(f"{what}: {', '.join(named)}")
+
+
 def load_config(*paths: str | Path) -> dict[str, Any]:
     """Load YAML files merged left to right (dicts deep-merged, like Snakemake's --configfile)."""
     merged: dict[str, Any] = {}

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from zipasr.config import check_fields
+
 PerStack = tuple[int, ...]
 
 
@@ -104,10 +106,7 @@ class ZipformerConfig:
         """
         d = dict(d)
         preset = d.pop("preset", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise KeyError(f"unknown model config keys: {', '.join(unknown)}")
+        check_fields(cls, d, "unknown model config keys", KeyError)
         if preset is not None:
             return cls.from_preset(preset, **d)
         return cls(**d)

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from zipasr.config import check_fields
 from zipasr.errors import ZipasrError
 
 
@@ -64,10 +65,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ZipasrError(f"unknown training option(s): {', '.join(unknown)}")
+        check_fields(cls, d, "unknown training option(s)")
         cfg = cls(**d)
         if isinstance(cfg.noise_snr, list):
             cfg.noise_snr = tuple(cfg.noise_snr)
