@@ -5,7 +5,8 @@
   tiny corpus. Rank 0's checkpoint holds the plain model (no ``module.`` prefix: it loads
   strictly into a single-process Transducer) and the running average; the validation loss it
   logged, summed over the two ranks' halves of the dev set, equals a single process's
-  validation loss over the whole dev set with the checkpoint's weights.
+  validation loss over the whole dev set with the checkpoint's weights. A second run with one
+  more epoch resumes (every rank from rank 0's checkpoint) instead of starting afresh.
 * ``test_ddp_steps_match_single_process``: this file run as a torchrun worker (``__main__``
   below) drives the real ``Trainer`` (its process group, DDP wrapper, ``_train_step``,
   ScaledAdam, Eden) over fixed batches. What is compared, and why:
@@ -280,6 +281,15 @@ def test_zipasr_train_two_ranks(corpus, tmp_path: Path) -> None:
     t.batch_idx_train = ck["batch_idx_train"]
     assert valid == [summary["valid_loss"]]
     assert _valid(t, dict(corpus, dev=corpus["dev_eq"])) == pytest.approx(valid[-1], rel=1e-6)
+
+    # one more epoch: both ranks resume from rank 0's epoch-1.pt (same world size: a resume)
+    i = cmd.index("--train") + 1
+    cmd[i] = json.dumps(dict(TRAIN, num_epochs=2))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=tool_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    again = json.loads((exp / "summary.json").read_text())
+    assert again["resumed"] and again["batch_idx_train"] > summary["batch_idx_train"]
+    assert "resumed from" in proc.stderr and not list(exp.glob("superseded-*"))
 
 
 if __name__ == "__main__":
