@@ -58,6 +58,22 @@ def test_librispeech_960_m_plans_on_slurm_with_site_settings(workdir: Path) -> N
     assert "download_librispeech        7" in out and "decode                      8" in out
 
 
+def test_train_job_launches_one_process_per_gpu(workdir: Path) -> None:
+    """The train rule's DDP launch from the profile: GPUs per node -> --nproc-per-node; several
+    nodes -> --nodes, a per-node --gres and the `mpi` resource (the rule runs in the batch step,
+    from where zipasr train starts one torchrun per node)."""
+    recipe = str(ROOT / "config" / "librispeech-960-M.yaml")
+    for nodes, want in (("1", "gpu=4"), ("2", "nodes=2")):
+        env = {"ZIPASR_TRAIN_GPUS": "4", "ZIPASR_TRAIN_NODES": nodes, "ZIPASR_GPU_MODEL": "a100"}
+        out = _snakemake(workdir, "-n", "-p", "--profile", str(PROFILES / "slurm"),
+                         "--configfile", recipe, "--until", "train", env=env).stdout
+        res = _planned_resources(out)["train"]
+        assert want in res, res
+        if nodes == "2":
+            assert "gres=gpu:a100:4" in res and "mpi=srun" in res and "tasks_per_node=1" in res
+        assert "zipasr train --nproc-per-node 4 " in out
+
+
 @pytest.mark.parametrize("recipe", sorted((ROOT / "config").glob("librispeech-960-*.yaml")),
                          ids=lambda p: p.stem)
 def test_recipe_validates_and_plans(recipe: Path, workdir: Path) -> None:
