@@ -24,19 +24,35 @@ def encoder_frames(num_frames: int) -> int:
 def filter_cuts(cuts, sp, min_duration: float, max_duration: float):
     """Keep cuts icefall's ``remove_short_and_long_utt`` keeps: duration in range and enough
     encoder frames for the tokens (T' - 2 >= tokens: the transducer emits <= 1 token/frame).
-    Returns ``(kept CutSet, dropped count)``."""
+
+    The model reads a cut's features from its start and its transcript as the whole target, so
+    a cut whose supervision does not span it (silence or untranscribed speech around the
+    segment, or several segments) is first cut down to each of its supervisions. Cuts with no
+    supervision or an empty transcript are dropped. Returns ``(kept CutSet, dropped count)``."""
     from lhotse import CutSet
 
     kept, dropped = [], 0
-    for c in cuts:
-        if not (min_duration <= c.duration <= max_duration):
-            dropped += 1
-            continue
-        tokens = sp.encode(c.supervisions[0].text)
-        if encoder_frames(c.num_frames) - 2 < len(tokens):
-            dropped += 1
-            continue
-        kept.append(c)
+    for cut in cuts:
+        sups = cut.supervisions
+        if len(sups) == 1 and sups[0].start <= 0.01 and sups[0].end >= cut.duration - 0.01:
+            pieces = [cut]
+        else:  # one cut per supervision, exactly its span (ids stay unique and traceable)
+            pieces = []
+            for i, sup in enumerate(sups):
+                start, end = max(sup.start, 0.0), min(sup.end, cut.duration)
+                piece = cut.truncate(offset=start, duration=end - start, preserve_id=True,
+                                     keep_excessive_supervisions=False)
+                pieces.append(piece.with_id(f"{cut.id}-{i}") if len(sups) > 1 else piece)
+            dropped += not sups
+        for c in pieces:
+            text = (c.supervisions[0].text or "").strip() if c.supervisions else ""
+            if not text or not (min_duration <= c.duration <= max_duration):
+                dropped += 1
+                continue
+            if encoder_frames(c.num_frames) - 2 < len(sp.encode(text)):
+                dropped += 1
+                continue
+            kept.append(c)
     return CutSet.from_cuts(kept), dropped
 
 
@@ -69,7 +85,8 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 class SeededBatches(torch.utils.data.Dataset):
     """Wraps lhotse's K2SpeechRecognitionDataset; seeds python, numpy and torch RNGs from the
-    batch's cut ids and the epoch before augmenting, in whichever worker process runs it."""
+    batch's cut ids and the epoch before augmenting, in whichever worker process runs it.
+    A batch that cannot be loaded comes back as ``{"load_error": str, "cut_ids": [...]}``."""
 
     def __init__(self, dataset, seed: int) -> None:
         self.dataset = dataset
@@ -90,6 +107,11 @@ class SeededBatches(torch.utils.data.Dataset):
                 t.rng = random.Random(s)
         try:
             return self.dataset[cuts]
+        except Exception as e:  # noqa: BLE001 - any unreadable input makes a bad batch
+            # A corrupt or missing feature/audio file must not kill the run (nor a DataLoader
+            # worker): the trainer skips this batch and counts it like a non-finite loss.
+            return {"load_error": f"{type(e).__name__}: {e}",
+                    "cut_ids": [c.id for c in cuts]}
         finally:
             if in_main:
                 random.setstate(saved[0])
@@ -140,8 +162,9 @@ def make_valid_loader(cuts, max_duration: float, *, world_size: int = 1, rank: i
 
     sampler = SimpleCutSampler(cuts, max_duration=max_duration, shuffle=False,
                                world_size=world_size, rank=rank)
-    return torch.utils.data.DataLoader(K2SpeechRecognitionDataset(return_cuts=True),
-                                       sampler=sampler, batch_size=None, num_workers=0)
+    # SeededBatches for its guard: an unreadable file gives a {"load_error"} batch, not a crash
+    dataset = SeededBatches(K2SpeechRecognitionDataset(return_cuts=True), seed=0)
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0)
 
 
 def load_cuts(paths: list[Path]):

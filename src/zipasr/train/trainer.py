@@ -333,13 +333,17 @@ class Trainer:
     def _bad_batch(self, batch: dict[str, Any], why: str) -> None:
         self.bad_in_a_row += 1
         self.bad_total += 1
-        ids = [c.id for c in batch["supervisions"]["cut"]]
         suffix = f"-rank{self.rank}" if self.world_size > 1 else ""
         dest = self.exp_dir / "bad-batches" / f"batch-{self.batch_idx_train}{suffix}.pt"
+        if "load_error" in batch:  # nothing was loaded: the cut ids say what to look at
+            ids, record = batch["cut_ids"], {"cut_ids": batch["cut_ids"], "why": why}
+        else:
+            ids = [c.id for c in batch["supervisions"]["cut"]]
+            record = {"cut_ids": ids, "inputs": batch["inputs"],
+                      "text": batch["supervisions"]["text"], "why": why}
         # every rank saves its own batch (with DDP the culprit may be any of them)
         with atomic_path(dest) as tmp:
-            torch.save({"cut_ids": ids, "inputs": batch["inputs"],
-                        "text": batch["supervisions"]["text"], "why": why}, tmp)
+            torch.save(record, tmp)
         log.warning("batch %d skipped (%s); cuts %s...; saved to %s", self.batch_idx_train, why,
                     ids[:3], dest)
         self.optimizer.zero_grad(set_to_none=True)
@@ -349,6 +353,8 @@ class Trainer:
 
     def _train_step(self, batch: dict[str, Any]) -> dict[str, float] | None:
         try:
+            if "load_error" in batch:
+                raise ValueError(f"unreadable input: {batch['load_error']}")
             loss, info = self._losses(batch)
             why = None if math.isfinite(info["loss"]) else f"non-finite loss {info['loss']}"
         except (RuntimeError, ValueError, AssertionError) as e:
@@ -387,6 +393,10 @@ class Trainer:
         tot, frames = 0.0, 0.0
         with torch.no_grad():
             for batch in self.valid_loader:
+                if "load_error" in batch:
+                    log.warning("validation batch skipped (%s); cuts %s...",
+                                batch["load_error"], batch["cut_ids"][:3])
+                    continue
                 loss, info = self._losses(batch)
                 tot += info["loss"]
                 frames += info["frames"]
@@ -490,7 +500,9 @@ class Trainer:
                                        "valid_loss": v})
                     if self.rank == 0:
                         self.tracker.log_valid(self.batch_idx_train, epoch, v, False)  # tracking
-                if cfg.save_every_n and self.batch_idx_train % cfg.save_every_n == 0:
+                # not inside a run of bad batches: the newest checkpoint must be one to trust
+                if (cfg.save_every_n and self.batch_idx_train % cfg.save_every_n == 0
+                        and self.bad_in_a_row == 0):
                     self._save(f"checkpoint-{self.batch_idx_train}.pt")
             bar.close()
             if self.batches_in_epoch == 0:
