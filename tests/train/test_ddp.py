@@ -259,11 +259,15 @@ def test_zipasr_train_two_ranks(corpus, tmp_path: Path) -> None:
            "--model", json.dumps({"preset": "xs"}), "--train", json.dumps(TRAIN),
            "--summary", str(exp / "summary.json"), "--no-progress"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=tool_env(), timeout=300)
+    # as Snakemake starts a 2-thread job: every math library told 2 threads, which the two
+    # workers must split (2 x 2 busy threads on 2 cores made training 10x slower)
+    env = dict(tool_env(), OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     print(f"zipasr train --nproc-per-node 2: {time.perf_counter() - t0:.1f} s")
     assert "torchrun --standalone --nnodes 1 --nproc-per-node 2" in proc.stderr
     assert "rank 0 of 2" in proc.stderr and "backend gloo" in proc.stderr
+    assert "1 CPU threads (MKL_NUM_THREADS=1)" in proc.stderr
     summary = json.loads((exp / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["batch_idx_train"] >= 1
 
@@ -299,7 +303,7 @@ if __name__ == "__main__":
 def test_launch_commands() -> None:
     """The command zipasr train replaces itself with: none for one process, torchrun on one
     node, srun + one torchrun per node with a c10d rendezvous on the first host otherwise."""
-    from zipasr.train.launch import expand_nodelist, launch_command
+    from zipasr.train.launch import THREAD_VARS, expand_nodelist, launch_command, worker_env
 
     assert expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07",
                                                        "login1"]
@@ -314,3 +318,12 @@ def test_launch_commands() -> None:
     assert "--ntasks-per-node" in two and two[two.index("--nnodes") + 1] == "2"
     assert two[two.index("--rdzv-endpoint") + 1] == "n3:29400"
     assert two[two.index("--nproc-per-node") + 1] == "4" and two[-2:] == ["train", "--x"]
+
+    # each worker's share of the node's threads, from OMP_NUM_THREADS (Snakemake's job threads)
+    env = worker_env(4, {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8", "PATH": "/bin"})
+    assert env["PATH"] == "/bin" and all(env[k] == "2" for k in THREAD_VARS)
+    assert worker_env(4, {"OMP_NUM_THREADS": "2"})["MKL_NUM_THREADS"] == "1"  # never 0
+    import os
+
+    cpus = len(os.sched_getaffinity(0))
+    assert worker_env(1, {})["OMP_NUM_THREADS"] == str(cpus)  # unset: the usable CPUs

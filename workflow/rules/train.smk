@@ -42,9 +42,8 @@ rule train:
         f"logs/train/{EXP_NAME}.benchmark.tsv"
     threads: config["train"].get("threads", 2)
     shell:
-        # the job's CPU threads are shared by its processes on a node
-        "OMP_NUM_THREADS=$(( {threads} / {params.nproc} > 1 ? {threads} / {params.nproc} : 1 ))"
-        " zipasr train --nproc-per-node {params.nproc} --train-cuts {input.train}"
+        # the job's CPU threads; with several processes zipasr.train.launch splits them
+        "OMP_NUM_THREADS={threads} zipasr train --nproc-per-node {params.nproc} --train-cuts {input.train}"
         " --valid-cuts {input.valid} --bpe-model {input.bpe} --exp-dir {EXP}"
         " --model {params.model:q} --train {params.train:q} --summary {output.summary}"
         " 2> {log}"

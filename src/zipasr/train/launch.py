@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 
 RDZV_PORT = 29400  # default c10d rendezvous port; ZIPASR_RDZV_PORT overrides it
 
+# Thread-count variables of the math libraries torch may use. Snakemake sets them all to the
+# job's threads; each of N workers on a node must get its share, or N x threads busy threads
+# fight for the cores (measured: MKL_NUM_THREADS=2 left in two 1-thread workers on 2 cores
+# made training 10x slower).
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS", "GOTO_NUM_THREADS")
+
 
 def dist_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int]:
     """``(world_size, rank, local_rank)`` as torchrun sets them; ``(1, 0, 0)`` outside it."""
@@ -85,6 +92,23 @@ def slurm_nodes(env: Mapping[str, str] | None = None) -> list[str]:
         if proc.returncode == 0 and proc.stdout.split():
             return proc.stdout.split()
     return expand_nodelist(nodelist)
+
+
+def worker_env(nproc_per_node: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``env`` with the node's CPU threads split among its ``nproc_per_node`` workers.
+
+    The node's budget is OMP_NUM_THREADS when set (Snakemake sets it to the job's threads),
+    else the CPUs this process may run on; every variable of :data:`THREAD_VARS` becomes
+    ``max(1, budget // nproc_per_node)``."""
+    env = dict(os.environ if env is None else env)
+    try:
+        budget = int(env.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        budget = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+    share = str(max(1, budget // max(1, nproc_per_node)))
+    env.update({k: share for k in THREAD_VARS})
+    return env
 
 
 def launch_command(nproc_per_node: int, train_args: list[str],

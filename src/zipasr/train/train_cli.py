@@ -35,7 +35,7 @@ def _train(args: argparse.Namespace) -> int:
     import os
     import sys
 
-    from zipasr.train.launch import dist_env, launch_command
+    from zipasr.train.launch import dist_env, launch_command, worker_env
 
     if args.nproc_per_node < 1:
         from zipasr.errors import ZipasrError
@@ -46,7 +46,8 @@ def _train(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).info("launching: %s", " ".join(cmd))
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execvp(cmd[0], cmd)  # torchrun (or srun) takes this process's place
+        # torchrun (or srun) takes this process's place; each worker gets its share of threads
+        os.execvpe(cmd[0], cmd, worker_env(args.nproc_per_node))
     _, rank, _ = dist_env()
     if rank != 0:  # one log, rank 0's; the other ranks still report warnings and errors
         logging.getLogger("zipasr").setLevel(logging.WARNING)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -88,8 +89,9 @@ class Trainer:
             torch.cuda.set_device(self.device)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend)
-        log.info("DDP: rank %d of %d (local rank %d), backend %s, device %s", self.rank,
-                 self.world_size, self.local_rank, backend, self.device)
+        log.info("DDP: rank %d of %d (local rank %d), backend %s, device %s, %d CPU threads "
+                 "(MKL_NUM_THREADS=%s)", self.rank, self.world_size, self.local_rank, backend,
+                 self.device, torch.get_num_threads(), os.environ.get("MKL_NUM_THREADS", "-"))
 
     def _barrier(self) -> None:
         if self.world_size > 1:
