@@ -14,7 +14,7 @@ from helpers import ROOT, snakemake
 
 from zipasr.config import load_config, validate_config
 from zipasr.model import ZipformerConfig
-from zipasr.train.config import TrainConfig
+from zipasr.train.config import TrainConfig, training_options
 
 RECIPE = ROOT / "config" / "mini-librispeech.yaml"
 
@@ -26,7 +26,7 @@ def test_recipe_validates() -> None:
     assert cfg["corpus"]["train_parts"] == ["train-clean-5"]
     assert cfg["corpus"]["dev_parts"] == ["dev-clean-2"]
     assert cfg["features"]["speed_perturb"] == [0.9, 1.1]
-    train = TrainConfig.from_dict({k: v for k, v in cfg["train"].items() if k != "threads"})
+    train = TrainConfig.from_dict(training_options(cfg["train"]))
     assert train.save_every_n % train.average_period == 0
     assert train.num_epochs > cfg["average"]["avg"]
 

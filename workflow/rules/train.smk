@@ -4,10 +4,7 @@
 
 import json
 
-
-def train_options():
-    """TrainConfig fields from the config's train section (exp-level keys removed)."""
-    return {k: v for k, v in config["train"].items() if k not in ("threads", "num_procs")}
+from zipasr.train.config import training_options
 
 
 def train_procs(wildcards, resources):
@@ -34,7 +31,7 @@ rule train:
         summary=f"{EXP}/train-summary.json",
     params:
         model=json.dumps(config["model"], sort_keys=True),
-        train=json.dumps(train_options(), sort_keys=True),
+        train=json.dumps(training_options(config["train"]), sort_keys=True),
         nproc=train_procs,
     log:
         f"logs/train/{EXP_NAME}.log",

@@ -11,6 +11,15 @@ from typing import Any
 from zipasr.config import check_fields
 from zipasr.errors import ZipasrError
 
+# Keys of the workflow config's train section that size the job (CPU threads, processes), not
+# the training itself: the train rule reads them, TrainConfig never sees them.
+JOB_KEYS = ("threads", "num_procs")
+
+
+def training_options(section: dict[str, Any]) -> dict[str, Any]:
+    """The TrainConfig fields of a workflow config's ``train`` section."""
+    return {k: v for k, v in section.items() if k not in JOB_KEYS}
+
 
 @dataclass
 class TrainConfig:
