@@ -265,3 +265,23 @@ def test_too_short_cut_gets_empty_hypothesis(setup: dict[str, Path], tmp_path: P
                   read_recogs(out / "recogs-dev-greedy_search.txt"))
     assert recogs["short"] == (["ALPHA", "BRAVO"], [])
     assert len(recogs) == 3 and all(recogs[c][1] for c in ("utt0", "utt1"))
+
+
+def test_unreadable_audio_fails_naming_the_cut(setup: dict[str, Path], tmp_path: Path) -> None:
+    """A damaged audio file stops decoding with the cut named (a WER over fewer utterances than
+    asked for would mislead), not with a codec's bare traceback."""
+    from lhotse import CutSet
+    from lhotse.utils import fastcopy
+
+    cuts = list(CutSet.from_file(setup["raw"]))
+    rec = cuts[0].recording
+    bad = tmp_path / "damaged.flac"
+    data = Path(rec.sources[0].source).read_bytes()
+    bad.write_bytes(data[: len(data) // 3])  # a partial copy
+    cuts[0] = fastcopy(cuts[0], recording=fastcopy(
+        rec, sources=[fastcopy(rec.sources[0], source=str(bad))]))
+    manifest = tmp_path / "cuts_damaged.jsonl.gz"
+    CutSet.from_cuts(cuts).to_file(manifest)
+    with pytest.raises(ZipasrError, match=f"cut {cuts[0].id}: cannot read its audio"):
+        _decode(dict(setup, damaged=manifest), tmp_path / "out", "greedy_search",
+                cuts="damaged")

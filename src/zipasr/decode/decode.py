@@ -115,6 +115,17 @@ class FeatureLoader:
         self._extractor = None
 
     def __call__(self, cut: Any) -> Tensor:
+        try:
+            return self._load(cut)
+        except ZipasrError:
+            raise
+        except Exception as e:  # noqa: BLE001 - storage or codec errors, named with the cut
+            # no skipping: a WER over fewer utterances than asked for would be misleading
+            what = "features" if cut.has_features else "audio"
+            raise ZipasrError(f"cut {cut.id}: cannot read its {what} "
+                              f"({type(e).__name__}: {e})") from e
+
+    def _load(self, cut: Any) -> Tensor:
         if cut.has_features:
             return torch.from_numpy(cut.load_features())
         if not cut.has_recording:
