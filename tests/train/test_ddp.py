@@ -323,7 +323,5 @@ def test_launch_commands() -> None:
     env = worker_env(4, {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8", "PATH": "/bin"})
     assert env["PATH"] == "/bin" and all(env[k] == "2" for k in THREAD_VARS)
     assert worker_env(4, {"OMP_NUM_THREADS": "2"})["MKL_NUM_THREADS"] == "1"  # never 0
-    import os
-
     cpus = len(os.sched_getaffinity(0))
     assert worker_env(1, {})["OMP_NUM_THREADS"] == str(cpus)  # unset: the usable CPUs

@@ -40,8 +40,8 @@ rule train:
     threads: config["train"].get("threads", 2)
     shell:
         # the job's CPU threads; with several processes zipasr.train.launch splits them
-        "OMP_NUM_THREADS={threads} zipasr train --nproc-per-node {params.nproc} --train-cuts {input.train}"
-        " --valid-cuts {input.valid} --bpe-model {input.bpe} --exp-dir {EXP}"
+        "OMP_NUM_THREADS={threads} zipasr train --nproc-per-node {params.nproc}"
+        " --train-cuts {input.train} --valid-cuts {input.valid} --bpe-model {input.bpe} --exp-dir {EXP}"
         " --model {params.model:q} --train {params.train:q} --summary {output.summary}"
         " 2> {log}"
 

@@ -34,6 +34,9 @@ def filter_cuts(cuts, sp, min_duration: float, max_duration: float):
     kept, dropped = [], 0
     for cut in cuts:
         sups = cut.supervisions
+        if not sups:
+            dropped += 1
+            continue
         if len(sups) == 1 and sups[0].start <= 0.01 and sups[0].end >= cut.duration - 0.01:
             pieces = [cut]
         else:  # one cut per supervision, exactly its span (ids stay unique and traceable)
@@ -43,9 +46,8 @@ def filter_cuts(cuts, sp, min_duration: float, max_duration: float):
                 piece = cut.truncate(offset=start, duration=end - start, preserve_id=True,
                                      keep_excessive_supervisions=False)
                 pieces.append(piece.with_id(f"{cut.id}-{i}") if len(sups) > 1 else piece)
-            dropped += not sups
         for c in pieces:
-            text = (c.supervisions[0].text or "").strip() if c.supervisions else ""
+            text = (c.supervisions[0].text or "").strip()
             if not text or not (min_duration <= c.duration <= max_duration):
                 dropped += 1
                 continue
