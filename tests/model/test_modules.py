@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from zipasr.model.attention import (
@@ -368,3 +369,51 @@ def test_bypass_scale_limited_through_gradient_in_training():
             flipped += 1
             assert g[1] > 0 and g[2] > 0  # inside: unchanged; above max: already inward
     assert 15 < flipped < 45  # limit_param_value applies with probability 0.6
+
+
+def test_depthwise_conv2d_gradients_match_numerical():
+    """The CPU depthwise conv's hand-written backward against finite differences (float64)."""
+    from zipasr.model.subsampling import _DepthwiseConv2d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 7, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(_DepthwiseConv2d.apply(x, w, b, (3, 2)),
+                               F.conv2d(x, w, b, padding=(3, 2), groups=3))
+    assert torch.autograd.gradcheck(lambda *a: _DepthwiseConv2d.apply(*a, (3, 2)), (x, w, b))
+
+
+def test_convnext_training_path_matches_formula():
+    """ConvNeXt's channels-last training path: y = x + W2 SwooshL(W1 DWConv(x) + b1) + b2,
+    computed here in float64 NCHW with plain convolutions and autograd; the balancers and
+    the whitening (identity in the forward pass) and the quantized Swoosh derivative are
+    replaced so the gradients are exact."""
+    from zipasr.model.subsampling import ConvNeXt
+
+    torch.manual_seed(0)
+    m = ConvNeXt(6).train()
+    m.hidden_balancer, m.out_balancer, m.out_whiten = nn.Identity(), nn.Identity(), nn.Identity()
+    m.activation = _ExactSwooshL()
+    x = torch.randn(2, 6, 11, 19, requires_grad=True)
+    y = m(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    x64 = x.detach().double().requires_grad_()
+    p = {k: v.detach().double().requires_grad_() for k, v in m.named_parameters()}
+    h = F.conv2d(x64, p["depthwise_conv.weight"], p["depthwise_conv.bias"], padding=3, groups=6)
+    h = F.conv2d(h, p["pointwise_conv1.weight"], p["pointwise_conv1.bias"])
+    h = F.softplus(h - 4) - 0.08 * h - 0.035
+    ref = x64 + F.conv2d(h, p["pointwise_conv2.weight"], p["pointwise_conv2.bias"])
+    ref.backward(g.double())
+    assert y.shape == x.shape
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    for k, v in m.named_parameters():
+        torch.testing.assert_close(v.grad.double(), p[k].grad, rtol=1e-4, atol=1e-6, msg=k)
+
+
+class _ExactSwooshL(nn.Module):
+    def forward(self, x):
+        return F.softplus(x - 4) - 0.08 * x - 0.035
