@@ -345,3 +345,26 @@ def test_balancer_applied_with_its_probability():
     x = torch.randn(10, 3, requires_grad=True)
     hits = sum("Balancer" in type(bal(x).grad_fn).__name__ for _ in range(2000))
     assert abs(hits / 2000 - 0.3) < 0.04
+
+
+@pytest.mark.parametrize("shape,channel_dim", [((3, 50, 6), 2), ((2, 6, 40, 5), 1), ((400, 6), 1)])
+def test_balancer_loss_grad_closed_form_matches_autograd(shape, channel_dim):
+    """The closed-form gradient of the balancer loss against float64 autograd, with every
+    kind of violation: rms too high and too low, mean too high and too low (channels 1-4),
+    and two compliant channels."""
+    from zipasr.model.scaling import balancer_loss, balancer_loss_grad
+
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    scale = torch.tensor([1.0, 30.0, 0.01, 1.0, 1.0, 1.0], dtype=torch.float64)
+    shift = torch.tensor([0.0, 0.0, 0.0, 3.0, -3.0, 0.0], dtype=torch.float64)
+    view = [1] * len(shape)
+    view[channel_dim] = 6
+    x = x * scale.view(view) + shift.view(view)
+    limits = (-1.0, 1.0, 0.25, 12.5)
+    xr = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(balancer_loss(xr, channel_dim, *limits).sum(), xr)
+    got = balancer_loss_grad(x, channel_dim, *limits)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
+    per_channel = expected.abs().sum(dim=[i for i in range(x.ndim) if i != channel_dim])
+    assert per_channel[0] == per_channel[5] == 0 and (per_channel[1:5] > 0).all()
