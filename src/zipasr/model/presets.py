@@ -31,11 +31,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         encoder_dim=(192, 256, 512, 768, 512, 256),
         encoder_unmasked_dim=(192, 192, 256, 320, 256, 192),
     ),
-    # CPU demo (3.6 M parameters with vocab 256): the six-stack shape at small width, one
-    # layer per stack, and a narrower Conv-Embed (its 128-channel ConvNeXt at 50 Hz would
-    # take 60% of a CPU training step at this size).
+    # CPU demo (3.5 M parameters with vocab 256): the six-stack shape at small width, one
+    # layer per stack, and a narrow Conv-Embed (its 128-channel ConvNeXt at 50 Hz would take
+    # 60% of a CPU training step at this size; 32 channels train ~12% faster than 48 and
+    # reached a lower WER in the same 20 minutes, BENCHMARKS.md).
     "demo": dict(
-        embed_channels=(8, 16, 48),
+        embed_channels=(4, 8, 32),
         num_encoder_layers=(1, 1, 1, 1, 1, 1),
         feedforward_dim=(256, 320, 384, 448, 384, 320),
         encoder_dim=(96, 128, 144, 160, 144, 128),
