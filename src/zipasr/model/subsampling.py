@@ -103,8 +103,8 @@ class ConvNeXt(nn.Module):
                 mask = torch.rand((x.shape[0], 1, 1, 1), dtype=x.dtype, device=x.device) > rate
         bypass = x
         dw = self.depthwise_conv
-        cpu_fp32 = x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-        if cpu_fp32 and torch.is_grad_enabled():
+        plain_cpu = x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        if plain_cpu and torch.is_grad_enabled():
             x = _DepthwiseConv2d.apply(x, dw.weight, dw.bias, self.padding)
         else:
             x = dw(x)
