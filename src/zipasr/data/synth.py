@@ -7,8 +7,10 @@ LibriSpeech recipe output (``{prefix}_recordings_{split}.jsonl.gz`` and
 ``{prefix}_supervisions_{split}.jsonl.gz``).
 
 Voices are accent x variant pairs ("en-gb-scotland+f3"). The dev and test voice pairs never
-occur in training (every accent and every variant still does), so the held-out sets measure
-generalization to unseen voices. Rate, pitch, pitch range and volume vary per utterance.
+occur in training (every accent and every variant still does), and no sentence occurs in two
+splits, so the held-out sets measure generalization to unseen voices and unseen sentences (the
+second is the harder one: BENCHMARKS.md). Rate, pitch, pitch range and volume vary per
+utterance.
 
 Determinism: libespeak-ng keeps internal state (flutter/noise phase) across calls, so an
 utterance's samples depend on what the process synthesized before it; the *sequence* is
