@@ -31,7 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         encoder_dim=(192, 256, 512, 768, 512, 256),
         encoder_unmasked_dim=(192, 192, 256, 320, 256, 192),
     ),
-    # CPU demo (3.5 M parameters with vocab 256): the six-stack shape at small width, one
+    # CPU demo (3.7 M parameters with vocab 500): the six-stack shape at small width, one
     # layer per stack, and a narrow Conv-Embed (its 128-channel ConvNeXt at 50 Hz would take
     # 60% of a CPU training step at this size; 32 channels train ~12% faster than 48 and
     # reached a lower WER in the same 20 minutes, BENCHMARKS.md).
