@@ -39,13 +39,14 @@ def bench(preset: str, batch_seconds: float, utt_seconds: float, steps: int, voc
                      lr=0.045, clipping_scale=2.0)
     sched = Eden(opt, 7500, 3.5)
     dtype = torch.bfloat16 if precision == "bf16" else None
+    joiner_bf16 = precision == "fp32-jbf16"  # fp32 with train.joiner_bf16
     times = []
     audio = 0.0
     for step in range(steps + 1):
         x, x_lens, y, secs = make_batch(batch_seconds, utt_seconds, vocab, step)
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            simple, pruned, _ = model(x, x_lens, y)
+            simple, pruned, _ = model(x, x_lens, y, joiner_bf16=joiner_bf16)
         loss = 0.5 * simple + pruned
         loss.backward()
         sched.step_batch(step)
@@ -66,7 +67,9 @@ def main() -> None:
     ap.add_argument("--utt-seconds", type=float, default=5.0)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--vocab", type=int, default=500)
-    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    ap.add_argument("--precision", nargs="+", default=["fp32"],
+                    choices=["fp32", "bf16", "fp32-jbf16"],
+                    help="fp32-jbf16: fp32 with the joiner in bf16 (train.joiner_bf16)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,10 +78,10 @@ def main() -> None:
     base = rows[0]["audio_per_s"]
     print(f"batch {args.batch_seconds:.0f} s of {args.utt_seconds:.0f}-s utterances, "
           f"vocab {args.vocab}, {args.threads} thread(s), {args.steps} timed steps")
-    print(f"{'preset':8} {'precision':9} {'params':>12} {'s/step':>8} {'audio s/s':>10} "
+    print(f"{'preset':8} {'precision':10} {'params':>12} {'s/step':>8} {'audio s/s':>10} "
           f"{'ratio':>6}")
     for r in rows:
-        print(f"{r['preset']:8} {r['precision']:9} {r['params']:12,d} {r['s_per_step']:8.2f} "
+        print(f"{r['preset']:8} {r['precision']:10} {r['params']:12,d} {r['s_per_step']:8.2f} "
               f"{r['audio_per_s']:10.1f} {r['audio_per_s'] / base:6.2f}")
 
 

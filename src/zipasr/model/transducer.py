@@ -8,6 +8,7 @@ Module and parameter names are those of icefall's ``AsrModel``, so
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -187,10 +188,14 @@ class Transducer(nn.Module):
         prune_range: int = 5,
         am_scale: float = 0.0,
         lm_scale: float = 0.0,
+        joiner_bf16: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Pruned RNN-T: (simple_loss, pruned_loss), both summed over the batch.
 
         encoder_out: (N, T, C); y_padded: (N, S) int64 padded with 0; y_lens: (N,).
+        ``joiner_bf16`` runs the joiner (its (N, T, prune_range, joiner_dim) x
+        (joiner_dim, V) product is a small model's largest) under bfloat16 autocast; the
+        loss itself stays float32.
         """
         from zipasr import loss as rnnt
 
@@ -222,7 +227,9 @@ class Transducer(nn.Module):
             lm=self.joiner.decoder_proj(decoder_out),
             ranges=ranges,
         )
-        logits = self.joiner(am_pruned, lm_pruned, project_input=False)
+        with (torch.autocast(device_type=encoder_out.device.type, dtype=torch.bfloat16)
+              if joiner_bf16 else nullcontext()):
+            logits = self.joiner(am_pruned, lm_pruned, project_input=False)
         with torch.autocast(device_type=encoder_out.device.type, enabled=False):
             pruned_loss = rnnt.rnnt_loss_pruned(
                 logits=logits.float(), symbols=y_padded, ranges=ranges,
@@ -238,6 +245,7 @@ class Transducer(nn.Module):
         prune_range: int = 5,
         am_scale: float = 0.0,
         lm_scale: float = 0.0,
+        joiner_bf16: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Losses for a batch, like icefall's AsrModel.forward.
 
@@ -252,7 +260,8 @@ class Transducer(nn.Module):
         simple_loss = pruned_loss = ctc_loss = empty
         if self.use_transducer:
             simple_loss, pruned_loss = self.forward_transducer(
-                encoder_out, encoder_out_lens, y_padded, y_lens, prune_range, am_scale, lm_scale
+                encoder_out, encoder_out_lens, y_padded, y_lens, prune_range, am_scale, lm_scale,
+                joiner_bf16,
             )
         if self.use_ctc:
             valid = make_pad_mask(y_lens, y_padded.shape[1]).logical_not()

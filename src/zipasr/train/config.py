@@ -53,6 +53,9 @@ class TrainConfig:
     warm_step: int = 2000
     # precision: fp32 | bf16 | fp16 (fp16 needs CUDA; it uses a GradScaler)
     precision: str = "fp32"
+    # with fp32: the joiner's vocabulary projection alone in bf16 (2.5x faster on CPUs with
+    # AVX512-BF16 or AMX, where full bf16 autocast is slower than fp32; BENCHMARKS.md)
+    joiner_bf16: bool = False
     # running average model, checkpoints, logging
     average_period: int = 200
     save_every_n: int = 4000

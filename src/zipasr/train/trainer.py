@@ -288,7 +288,8 @@ class Trainer:
             # ranks' differing numbers of validation batches need no collective
             model = self.ddp if self.ddp is not None and torch.is_grad_enabled() else self.model
             simple, pruned, ctc = model(feats, feature_lens, y, prune_range=cfg.prune_range,
-                                        am_scale=cfg.am_scale, lm_scale=cfg.lm_scale)
+                                        am_scale=cfg.am_scale, lm_scale=cfg.lm_scale,
+                                        joiner_bf16=cfg.joiner_bf16)
         s_scale, p_scale = loss_scales(self.batch_idx_train, cfg.warm_step,
                                        cfg.simple_loss_scale)
         loss = torch.zeros((), device=self.device)
