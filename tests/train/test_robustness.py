@@ -284,6 +284,32 @@ class _DtypeProbe(Trainer):
                 lambda m, args, out, name=name: self.seen.add((name, out.dtype)))
 
 
+@pytest.mark.parametrize("setting,native,expected", [
+    (True, False, torch.bfloat16), ("auto", True, torch.bfloat16), ("auto", False, torch.float32),
+    (False, True, torch.float32)])
+def test_joiner_bf16_setting(corpus, tmp_path: Path, monkeypatch, setting, native,
+                             expected) -> None:
+    """train.joiner_bf16: only the joiner in bf16; "auto" follows the CPU's bf16 support."""
+    from lhotse import CutSet
+
+    from zipasr.train import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "native_bf16", lambda device: native)
+    small = tmp_path / "cuts_small.jsonl.gz"
+    CutSet.from_file(corpus["train"]).subset(first=6).to_file(small)
+    t = _trainer(corpus, tmp_path / "exp", small, cls=_DtypeProbe, joiner_bf16=setting,
+                 save_every_n=0)
+    summary = t.run()
+    assert summary["batch_idx_train"] > 0
+    assert t.seen == {("embed.out", torch.float32), ("joiner", expected)}
+    assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path / "exp") if "loss" in r)
+
+
+def test_joiner_bf16_typo_is_refused() -> None:
+    with pytest.raises(ZipasrError, match="joiner_bf16 must be true, false or auto"):
+        TrainConfig.from_dict({**TRAIN, "joiner_bf16": "yes"})
+
+
 def test_bf16_on_cpu_trains_and_resumes(corpus, tmp_path: Path) -> None:
     from lhotse import CutSet
 

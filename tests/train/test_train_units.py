@@ -40,3 +40,19 @@ def test_running_average_is_uniform_mean_of_snapshots() -> None:
     expected = torch.stack(snapshots).mean(0)
     torch.testing.assert_close(t.model_avg["weight"], expected, rtol=1e-12, atol=1e-12)
     assert t.model_avg["weight"].dtype == torch.float64
+
+
+def test_native_bf16_matches_cpu_flags() -> None:
+    """The CPU check agrees with the kernel's view of the CPU (/proc/cpuinfo flags)."""
+    from pathlib import Path
+
+    from zipasr.train.trainer import native_bf16
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("needs Linux's /proc/cpuinfo")
+    flags = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    assert native_bf16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_tile"})

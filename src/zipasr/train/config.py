@@ -53,9 +53,10 @@ class TrainConfig:
     warm_step: int = 2000
     # precision: fp32 | bf16 | fp16 (fp16 needs CUDA; it uses a GradScaler)
     precision: str = "fp32"
-    # with fp32: the joiner's vocabulary projection alone in bf16 (2.5x faster on CPUs with
-    # AVX512-BF16 or AMX, where full bf16 autocast is slower than fp32; BENCHMARKS.md)
-    joiner_bf16: bool = False
+    # with fp32: the joiner's vocabulary projection alone in bf16: true | false | auto (on
+    # where bf16 is native: CUDA, CPUs with AVX512-BF16 or AMX, where the product runs 2.5x
+    # faster while full bf16 autocast is slower than fp32; emulated bf16 is 5x slower)
+    joiner_bf16: bool | str = False
     # running average model, checkpoints, logging
     average_period: int = 200
     save_every_n: int = 4000
@@ -83,6 +84,9 @@ class TrainConfig:
             cfg.noise_snr = tuple(cfg.noise_snr)
         if cfg.precision not in ("fp32", "bf16", "fp16"):
             raise ZipasrError(f"train.precision must be fp32, bf16 or fp16, not {cfg.precision!r}")
+        if cfg.joiner_bf16 not in (True, False, "auto"):
+            raise ZipasrError(f"train.joiner_bf16 must be true, false or auto, not "
+                              f"{cfg.joiner_bf16!r}")
         if cfg.num_buckets < 2:
             raise ZipasrError(f"train.num_buckets must be at least 2, not {cfg.num_buckets}")
         if cfg.save_every_n and cfg.save_every_n % cfg.average_period:

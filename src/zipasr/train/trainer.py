@@ -51,6 +51,18 @@ def loss_scales(batch_idx_train: int, warm_step: int, simple_loss_scale: float
     return 1.0 - frac * (1.0 - simple_loss_scale), 0.1 + 0.9 * frac
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: CUDA GPUs with bf16, CPUs with
+    AVX512-BF16 or AMX. Elsewhere oneDNN emulates bf16, about 5x slower than fp32 on AVX2
+    (BENCHMARKS.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so guarded
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, model_config: dict[str, Any], *,
                  train_cuts: list[Path], valid_cuts: list[Path], bpe_model: Path,
@@ -180,6 +192,9 @@ class Trainer:
         self.model_avg = {k: v.detach().to(torch.float64).clone() if v.is_floating_point()
                           else v.detach().clone() for k, v in self.model.state_dict().items()}
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        # under bf16/fp16 autocast the joiner is in half precision anyway
+        self.joiner_bf16 = self.autocast_dtype is None and (
+            cfg.joiner_bf16 is True or (cfg.joiner_bf16 == "auto" and native_bf16(self.device)))
 
     def _data(self) -> None:
         cfg = self.cfg
@@ -289,7 +304,7 @@ class Trainer:
             model = self.ddp if self.ddp is not None and torch.is_grad_enabled() else self.model
             simple, pruned, ctc = model(feats, feature_lens, y, prune_range=cfg.prune_range,
                                         am_scale=cfg.am_scale, lm_scale=cfg.lm_scale,
-                                        joiner_bf16=cfg.joiner_bf16)
+                                        joiner_bf16=self.joiner_bf16)
         s_scale, p_scale = loss_scales(self.batch_idx_train, cfg.warm_step,
                                        cfg.simple_loss_scale)
         loss = torch.zeros((), device=self.device)
@@ -445,8 +460,9 @@ class Trainer:
         resumed = self._resume()
         if resumed and self.rank == 0:
             self._truncate_metrics()
-        log.info("model: %s params; %.2f h of training audio; device %s; precision %s",
-                 f"{self.num_params:,}", self.train_hours, self.device, cfg.precision)
+        log.info("model: %s params; %.2f h of training audio; device %s; precision %s%s",
+                 f"{self.num_params:,}", self.train_hours, self.device, cfg.precision,
+                 " (joiner in bf16)" if self.joiner_bf16 else "")
         if self.rank == 0:
             self.tracker.start(self, resumed)  # tracking hook
         self.model.train()
