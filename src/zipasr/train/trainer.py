@@ -53,8 +53,8 @@ def loss_scales(batch_idx_train: int, warm_step: int, simple_loss_scale: float
 
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bf16 matrices in hardware: CUDA GPUs with bf16, CPUs with
-    AVX512-BF16 or AMX. Elsewhere oneDNN emulates bf16, about 5x slower than fp32 on AVX2
-    (BENCHMARKS.md)."""
+    AVX512-BF16 or AMX. Elsewhere oneDNN emulates bf16: on AVX2 its products are ~5x slower
+    than fp32 (BENCHMARKS.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
