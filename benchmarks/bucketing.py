@@ -2,8 +2,9 @@
 
 The cost of a training step follows the padded batch (N x longest cut), the data an epoch
 covers follows the real durations: fewer batches for the same cuts at the same padded size is
-training time saved. Runs the trainer's sampler (lhotse DynamicBucketingSampler, as
-``zipasr.train.data.make_train_loader`` builds it) over a cut manifest, no model:
+training time saved. Runs the trainer's own sampler (``zipasr.train.data.make_train_loader``
+with the training defaults but for ``max_duration`` and ``num_buckets``) over a cut manifest,
+no model and no feature loading:
 
     .venv/bin/python benchmarks/bucketing.py data/fbank/synth_cuts_train.jsonl.gz \\
         --max-duration 12.5 --world-size 2 --num-buckets 10 30 50
@@ -15,11 +16,11 @@ import argparse
 
 
 def epoch_stats(cuts, max_duration: float, num_buckets: int, world_size: int) -> dict:
-    from lhotse.dataset import DynamicBucketingSampler
+    from zipasr.train.config import TrainConfig
+    from zipasr.train.data import make_train_loader
 
-    sampler = DynamicBucketingSampler(cuts, max_duration=max_duration, shuffle=True,
-                                      num_buckets=num_buckets, drop_last=True, seed=0,
-                                      world_size=world_size, rank=0)
+    cfg = TrainConfig(max_duration=max_duration, num_buckets=num_buckets, num_workers=0)
+    _, sampler, _ = make_train_loader(cuts, cfg, world_size=world_size, rank=0)
     sampler.set_epoch(1)
     batches = real = padded = 0.0
     for batch in sampler:
