@@ -138,6 +138,15 @@ _SWOOSH = {
 _SWOOSH_DERIV_MIN = -0.08
 
 
+def at_least_f32(x: Tensor) -> Tensor:
+    """``x`` in float32 if it is a 16-bit float, else unchanged.
+
+    The backward passes and losses compute in float32 under fp16/bf16 autocast, as icefall's
+    do; a float64 model stays float64 throughout, so a float64 run carries no float32 rounding
+    anywhere (the float64 reference tests depend on it). For float32 tensors it is a no-op."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def swoosh_forward(x: Tensor, kind: str) -> Tensor:
     """SwooshR/SwooshL value, computed in float32 at least (softplus is exact to fp32)."""
     return _swoosh(x, kind, deriv=False)[0].to(x.dtype)
@@ -147,12 +156,11 @@ def _swoosh(x: Tensor, kind: str, deriv: bool) -> tuple[Tensor, Tensor | None]:
     """(value, derivative sigmoid(x - offset) - 0.08 or None) in float32 at least, sharing
     x - offset; the arithmetic runs in place on fresh tensors (never part of an autograd graph
     here), which makes the activation about a third cheaper on CPU, where it is bound by memory
-    traffic. The derivative stays float32 even for float64 input, as before: it is stored in 8
-    bits, and float32 absorbs float64 rounding noise (the DDP-vs-one-process test relies on it)."""
+    traffic."""
     offset, const, _ = _SWOOSH[kind]
-    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    xf = at_least_f32(x)
     t = xf - offset
-    d = torch.sigmoid(t.float()).sub_(0.08) if deriv else None  # float32: kept in 8 bits
+    d = torch.sigmoid(t).sub_(0.08) if deriv else None
     return F.softplus(t, beta=1.0, threshold=40.0).sub_(xf, alpha=0.08).sub_(const), d
 
 
@@ -163,9 +171,9 @@ def quantize_deriv(d: Tensor, kind: str) -> Tensor:
     return torch.rand_like(d).add_(d - lo, alpha=255.0 / (hi - lo)).to(torch.uint8)
 
 
-def dequantize_deriv(q: Tensor, kind: str) -> Tensor:
+def dequantize_deriv(q: Tensor, kind: str, dtype: torch.dtype = torch.float32) -> Tensor:
     hi, lo = _SWOOSH[kind][2], _SWOOSH_DERIV_MIN
-    return q.float() * ((hi - lo) / 255.0) + lo
+    return q.to(dtype) * ((hi - lo) / 255.0) + lo
 
 
 class _SwooshFunction(torch.autograd.Function):
@@ -182,8 +190,8 @@ class _SwooshFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, y_grad: Tensor):
         (q,) = ctx.saved_tensors
-        d = dequantize_deriv(q, ctx.kind)
-        return (y_grad.float() * d).to(ctx.x_dtype), None
+        g = at_least_f32(y_grad)
+        return (g * dequantize_deriv(q, ctx.kind, g.dtype)).to(ctx.x_dtype), None
 
 
 class SwooshR(nn.Module):
@@ -276,15 +284,15 @@ class _ActivationDropoutAndLinearFunction(torch.autograd.Function):
     def backward(ctx, ans_grad: Tensor):
         x, weight, bias, mask = ctx.saved_tensors
         with torch.autocast(device_type=x.device.type, enabled=False):
-            y, deriv = _swoosh(x.float(), ctx.kind, deriv=True)
+            y, deriv = _swoosh(x, ctx.kind, deriv=True)
             if mask is not None:
-                y = y * mask.float()
-                deriv = deriv * mask.float()
-            g = ans_grad.float().reshape(-1, weight.shape[0])
-            w = weight.float()
-            weight_grad = g.t() @ y.reshape(-1, w.shape[1])
+                y = y * mask.to(y.dtype)
+                deriv = deriv * mask.to(y.dtype)
+            g = at_least_f32(ans_grad).reshape(-1, weight.shape[0])
+            w = weight.to(g.dtype)
+            weight_grad = g.t() @ y.to(g.dtype).reshape(-1, w.shape[1])
             bias_grad = None if bias is None else g.sum(dim=0).to(bias.dtype)
-            x_grad = (ans_grad.float() @ w) * deriv
+            x_grad = (at_least_f32(ans_grad) @ w) * deriv
         return x_grad.to(x.dtype), weight_grad.to(weight.dtype), bias_grad, None, None, None
 
 
@@ -348,11 +356,11 @@ class _BiasNormFunction(torch.autograd.Function):
     def backward(ctx, ans_grad: Tensor):
         x, bias, log_scale = ctx.saved_tensors
         with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.detach().float().requires_grad_()
-            b = bias.detach().float().requires_grad_()
-            s = log_scale.detach().float().requires_grad_()
+            x = at_least_f32(x.detach()).requires_grad_()
+            b = bias.detach().to(x.dtype).requires_grad_()
+            s = log_scale.detach().to(x.dtype).requires_grad_()
             ans = _bias_norm(x, b, s, ctx.channel_dim)
-            ans.backward(gradient=ans_grad.float())
+            ans.backward(gradient=ans_grad.to(x.dtype))
         return x.grad.to(ans_grad.dtype), b.grad.to(bias.dtype), s.grad.to(log_scale.dtype), None
 
 
@@ -494,7 +502,7 @@ class _SoftmaxFunction(torch.autograd.Function):
     def backward(ctx, ans_grad: Tensor):
         (ans,) = ctx.saved_tensors
         with torch.autocast(device_type=ans.device.type, enabled=False):
-            a, g = ans.float(), ans_grad.float()
+            a, g = at_least_f32(ans), at_least_f32(ans_grad)
             x_grad = g * a
             x_grad = x_grad - a * x_grad.sum(dim=ctx.dim, keepdim=True)
         return x_grad.to(ctx.x_dtype), None
@@ -579,13 +587,13 @@ class _BalancerFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         min_mean, max_mean, min_rms, max_rms, grad_scale, channel_dim = ctx.config
         with torch.autocast(device_type=x.device.type, enabled=False):
-            loss_grad = balancer_loss_grad(x.float(), channel_dim, min_mean, max_mean,
+            loss_grad = balancer_loss_grad(at_least_f32(x), channel_dim, min_mean, max_mean,
                                            min_rms, max_rms)
             dims = [i for i in range(x.ndim) if i != channel_dim]
             n = x.numel() // x.shape[channel_dim]
             rms = torch.linalg.vector_norm(loss_grad, 2, dim=dims, keepdim=True)
             rms = rms.div_(math.sqrt(n)).clamp_(min=1.0e-20)
-            g = x_grad.float()
+            g = at_least_f32(x_grad).to(loss_grad.dtype)
             # The correction on each element is proportional to that element's |gradient|.
             new_grad = g.abs().mul_(loss_grad).mul_(grad_scale / rms).add_(g)
         return new_grad.to(x_grad.dtype), None
@@ -669,7 +677,7 @@ class _WhiteningPenaltyFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         w = ctx.module
         with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-            xf = x.detach().float().requires_grad_()
+            xf = at_least_f32(x.detach()).requires_grad_()
             metric = whitening_metric(xf, w.num_groups)
             if metric < float(w.whitening_limit):
                 # Under the limit: leave the gradient alone and check less often.
@@ -679,7 +687,7 @@ class _WhiteningPenaltyFunction(torch.autograd.Function):
             metric.backward()
             penalty_grad = xf.grad
             scale = float(w.grad_scale) * (
-                x_grad.float().norm() / (penalty_grad.norm() + 1.0e-20)
+                at_least_f32(x_grad).norm() / (penalty_grad.norm() + 1.0e-20)
             )
         return x_grad + (penalty_grad * scale).to(x_grad.dtype), None
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from .config import ZipformerConfig
 from .decoder import Decoder
 from .joiner import Joiner
-from .scaling import ScaledLinear, ScheduledFloat
+from .scaling import ScaledLinear, ScheduledFloat, at_least_f32
 from .subsampling import Conv2dSubsampling
 from .zipformer import Zipformer2
 
@@ -195,7 +195,7 @@ class Transducer(nn.Module):
         encoder_out: (N, T, C); y_padded: (N, S) int64 padded with 0; y_lens: (N,).
         ``joiner_bf16`` runs the joiner (its (N, T, prune_range, joiner_dim) x
         (joiner_dim, V) product is a small model's largest) under bfloat16 autocast; the
-        loss itself stays float32.
+        loss itself is computed in float32 at least (float64 for a float64 model).
         """
         from zipasr import loss as rnnt
 
@@ -215,7 +215,7 @@ class Transducer(nn.Module):
         am = self.simple_am_proj(encoder_out)
         with torch.autocast(device_type=encoder_out.device.type, enabled=False):
             simple_loss, (px_grad, py_grad) = rnnt.rnnt_loss_smoothed(
-                lm=lm.float(), am=am.float(), symbols=y_padded, termination_symbol=blank_id,
+                lm=at_least_f32(lm), am=at_least_f32(am), symbols=y_padded, termination_symbol=blank_id,
                 lm_only_scale=lm_scale, am_only_scale=am_scale, boundary=boundary,
                 reduction="sum", return_grad=True,
             )
@@ -232,7 +232,7 @@ class Transducer(nn.Module):
             logits = self.joiner(am_pruned, lm_pruned, project_input=False)
         with torch.autocast(device_type=encoder_out.device.type, enabled=False):
             pruned_loss = rnnt.rnnt_loss_pruned(
-                logits=logits.float(), symbols=y_padded, ranges=ranges,
+                logits=at_least_f32(logits), symbols=y_padded, ranges=ranges,
                 termination_symbol=blank_id, boundary=boundary, reduction="sum",
             )
         return simple_loss, pruned_loss
