@@ -1,5 +1,5 @@
 # zipasr: the whole pipeline as one Snakemake DAG. Every rule is a thin call of the `zipasr` CLI;
-# the logic lives in src/zipasr. See README.md and ../shared/DESIGN.md.
+# the logic lives in src/zipasr. See README.md.
 import os
 import sys
 from pathlib import Path

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real single-node Slurm (Debian's slurmctld/slurmd/slurmdbd + munge + a private MariaDB) for
-# tests and CI, kept under one prefix directory. See ../../shared/notes/local_slurm.md.
+# tests and CI, kept under one prefix directory (README: "Tested on a real Slurm").
 #
 #   scripts/slurm.sh install   apt-get the packages if missing (root)
 #   scripts/slurm.sh start     install if needed, write the config, start the daemons; idempotent

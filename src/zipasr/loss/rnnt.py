@@ -1,7 +1,7 @@
 """k2's RNN-T losses (full, simple, smoothed, pruned) and the pruning helpers.
 
-Same names, arguments, defaults and numerics as ``k2/python/k2/rnnt_loss.py`` (see
-``shared/specs/pruned_rnnt.md``); everything here is plain tensor code around
+Same names, arguments, defaults and numerics as ``k2/python/k2/rnnt_loss.py``; everything
+here is plain tensor code around
 ``mutual_information_recursion``.  Shapes: ``B`` batch, ``T`` frames, ``S`` symbols, ``C``
 classes incl. blank (= ``termination_symbol``), ``R`` prune range.
 """

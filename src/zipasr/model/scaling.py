@@ -1,8 +1,7 @@
 """Building blocks of the Zipformer: normalisation, activations, schedules and the
 gradient-shaping modules (Balancer, Whiten) that are identities in the forward pass.
 
-Everything follows icefall's ``zipformer/scaling.py`` numerically (see
-``shared/specs/zipformer_icefall.md`` section 3); no k2 is needed.
+Everything follows icefall's ``zipformer/scaling.py`` numerically; no k2 is needed.
 """
 
 from __future__ import annotations
