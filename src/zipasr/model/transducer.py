@@ -215,9 +215,9 @@ class Transducer(nn.Module):
         am = self.simple_am_proj(encoder_out)
         with torch.autocast(device_type=encoder_out.device.type, enabled=False):
             simple_loss, (px_grad, py_grad) = rnnt.rnnt_loss_smoothed(
-                lm=at_least_f32(lm), am=at_least_f32(am), symbols=y_padded, termination_symbol=blank_id,
-                lm_only_scale=lm_scale, am_only_scale=am_scale, boundary=boundary,
-                reduction="sum", return_grad=True,
+                lm=at_least_f32(lm), am=at_least_f32(am), symbols=y_padded,
+                termination_symbol=blank_id, lm_only_scale=lm_scale, am_only_scale=am_scale,
+                boundary=boundary, reduction="sum", return_grad=True,
             )
         ranges = rnnt.get_rnnt_prune_ranges(
             px_grad=px_grad, py_grad=py_grad, boundary=boundary, s_range=prune_range
