@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -58,13 +57,11 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _fbank(args: argparse.Namespace) -> int:
     from zipasr.data.fbank import FbankOptions, compute_fbank
-    from zipasr.io import write_text_atomic
 
     opts = FbankOptions(num_mel_bins=args.num_mel_bins, frame_shift=args.frame_shift,
                         dither=args.dither, speed_perturb=list(args.speed_perturb),
                         num_jobs=args.num_jobs, strict=args.strict)
-    summary = compute_fbank(args.recordings, args.supervisions, args.out_cuts, args.storage_dir,
-                            opts, what=f"fbank {args.out_cuts.name}")
-    if args.summary:
-        write_text_atomic(args.summary, json.dumps(summary, indent=2) + "\n")
+    # the summary is committed with the cuts and features, so they appear together
+    compute_fbank(args.recordings, args.supervisions, args.out_cuts, args.storage_dir, opts,
+                  what=f"fbank {args.out_cuts.name}", summary_path=args.summary)
     return 0

@@ -2,12 +2,15 @@
 
 One call turns a part's recordings + supervisions into ``{prefix}_cuts_{part}.jsonl.gz`` whose
 cuts carry features in ``{prefix}_feats_{part}/``. A cut whose audio cannot be decoded is named,
-counted and skipped; features are written into a temporary directory that replaces the final one
-only when every shard succeeded, and the cut manifest is written last, atomically.
+counted and skipped. All outputs (feature directory, cut manifest, summary) are built under
+temporary names and renamed into place together only when everything succeeded, the summary
+last: a stage killed at any point before that leaves none of them under its final name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import multiprocessing as mp
@@ -84,8 +87,10 @@ def _extract_shard(cut_dicts: list[dict], storage_file: str, opts: dict) -> tupl
 
 
 def compute_fbank(recordings: Path, supervisions: Path, out_cuts: Path, storage_dir: Path,
-                  opts: FbankOptions, *, what: str = "fbank", progress: bool = True) -> dict:
-    """Compute features for one part; returns a small summary dict (counts, hours, RTF)."""
+                  opts: FbankOptions, *, what: str = "fbank", progress: bool = True,
+                  summary_path: Path | None = None) -> dict:
+    """Compute features for one part; returns a small summary dict (counts, hours, RTF), also
+    written as JSON to ``summary_path`` if given (committed with the other outputs)."""
     from lhotse import CutSet
     from lhotse.qa import validate
     from tqdm import tqdm
@@ -100,7 +105,12 @@ def compute_fbank(recordings: Path, supervisions: Path, out_cuts: Path, storage_
                    "dither": opts.dither}
     done: list[dict] = []
     problems: list[str] = []
-    with atomic_dir(storage_dir) as tmp_dir:
+    with contextlib.ExitStack() as commit:
+        # Exits run last-entered first: the features are renamed into place, then the cuts,
+        # then the summary, all after the last byte of each is written.
+        tmp_summary = commit.enter_context(atomic_path(summary_path)) if summary_path else None
+        tmp_cuts = commit.enter_context(atomic_path(out_cuts))
+        tmp_dir = commit.enter_context(atomic_dir(storage_dir))
         bar = tqdm(total=len(cuts), desc=what, unit="cut", disable=not progress)
         jobs = [([c.to_dict() for c in shard], str(tmp_dir / f"feats-{i}.lca"), worker_opts)
                 for i, shard in enumerate(shards)]
@@ -126,19 +136,20 @@ def compute_fbank(recordings: Path, supervisions: Path, out_cuts: Path, storage_
         report_problems(problems, what, opts.strict)
         if not done:
             raise ZipasrError(f"{what}: features could not be computed for any cut")
-    # The features now live in storage_dir: point the cuts there (keeping relative paths
-    # relative, so the data directory can move with the project, e.g. through DVC).
-    order = {c.id: i for i, c in enumerate(cuts)}  # shards finish in any order: keep input's
-    done.sort(key=lambda d: order[d["id"]])
-    out = CutSet.from_dicts(_relocate(d, tmp_dir, storage_dir) for d in done)
-    validate(out, read_data=False)
-    with atomic_path(out_cuts) as tmp:
-        out.to_file(tmp)
-    elapsed = time.perf_counter() - t0
-    hours = sum(c.duration for c in out) / 3600
-    summary = {"cuts": len(out), "skipped": len(problems), "hours": round(hours, 4),
-               "seconds": round(elapsed, 2), "rtf": round(elapsed / max(hours * 3600, 1e-9), 5),
-               "num_jobs": opts.num_jobs}
+        # The features will live in storage_dir: point the cuts there (keeping relative paths
+        # relative, so the data directory can move with the project, e.g. through DVC).
+        order = {c.id: i for i, c in enumerate(cuts)}  # shards finish in any order: keep input's
+        done.sort(key=lambda d: order[d["id"]])
+        out = CutSet.from_dicts(_relocate(d, tmp_dir, storage_dir) for d in done)
+        validate(out, read_data=False)
+        out.to_file(tmp_cuts)
+        elapsed = time.perf_counter() - t0
+        hours = sum(c.duration for c in out) / 3600
+        summary = {"cuts": len(out), "skipped": len(problems), "hours": round(hours, 4),
+                   "seconds": round(elapsed, 2),
+                   "rtf": round(elapsed / max(hours * 3600, 1e-9), 5), "num_jobs": opts.num_jobs}
+        if tmp_summary is not None:
+            tmp_summary.write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%s: %d cuts, %.3f h of audio in %.1f s (%.0fx real time with %d job(s))",
              what, len(out), hours, elapsed, hours * 3600 / max(elapsed, 1e-9), opts.num_jobs)
     return summary

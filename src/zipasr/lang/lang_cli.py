@@ -18,12 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _bpe(args: argparse.Namespace) -> int:
-    import tempfile
-
+    from zipasr.io import scratch_dir
     from zipasr.lang.bpe import train_bpe, write_transcripts
 
-    with tempfile.TemporaryDirectory() as tmp:
-        text = Path(tmp) / "transcript_words.txt"
+    # next to the output, not in /tmp: what a killed run leaves, the rerun removes
+    with scratch_dir(args.lang_dir) as tmp:
+        text = tmp / "transcript_words.txt"
         write_transcripts(args.supervisions, text)
         train_bpe(text, args.lang_dir, args.vocab_size, model_type=args.model_type,
                   character_coverage=args.character_coverage)
