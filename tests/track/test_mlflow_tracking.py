@@ -140,7 +140,9 @@ def test_resume_continues_the_same_run(tiny_corpus, tmp_path: Path) -> None:
     c = _client(uri)
     steps1 = [m.step for m in c.get_metric_history(rid, "loss")]
     # num_epochs is a resumable change: the second call resumes at epoch 2
-    second = subprocess.run(train_cmd(tiny_corpus, exp, {**TINY_TRAIN, "num_epochs": 2}),
+    summary_file = exp / "train-summary.json"
+    second = subprocess.run(train_cmd(tiny_corpus, exp, {**TINY_TRAIN, "num_epochs": 2})
+                            + ["--summary", str(summary_file)],
                             env=env, cwd=tmp_path, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr and "continuing run" in second.stderr
@@ -151,3 +153,23 @@ def test_resume_continues_the_same_run(tiny_corpus, tmp_path: Path) -> None:
     assert steps2[:len(steps1)] == steps1 and max(steps2) > max(steps1)
     assert len(c.get_metric_history(rid, "valid_loss_epoch")) == 2
     assert c.get_run(rid).info.status == "FINISHED"
+
+    # the numerics facts (zipasr.train.numerics): tags of the first run, summary of the resumed
+    # one, alike (same machine) and as /proc/cpuinfo and torch say
+    import torch
+
+    n = json.loads(summary_file.read_text())["numerics"]
+    tags = c.get_run(rid).data.tags
+    assert json.loads(summary_file.read_text())["numerics_changes"] == []
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if "model name" in cpuinfo:
+        model = cpuinfo.split("model name", 1)[1].split(":", 1)[1].splitlines()[0].strip()
+        assert tags["numerics.cpu.model"] == n["cpu"]["model"] == model
+        flags = cpuinfo.split("\nflags", 1)[1].split(":", 1)[1].splitlines()[0].split()
+        assert tags["numerics.cpu.flags.avx512_bf16"] == str("avx512_bf16" in flags)
+    assert tags["numerics.cpu.torch_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert tags["numerics.joiner_bf16"] == str(n["joiner_bf16"]) == "False"  # not asked for
+    assert tags["numerics.precision"] == "fp32" and tags["numerics.torch"] == torch.__version__
+    threads = env["OMP_NUM_THREADS"]  # one torch thread per process, as the tools run
+    assert tags["numerics.threads.torch"] == threads == str(n["threads"]["torch"])
+    assert tags["numerics.threads.world_size"] == "1" and n["mkl"] == tags["numerics.mkl"]

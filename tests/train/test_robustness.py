@@ -302,6 +302,9 @@ def test_joiner_bf16_setting(corpus, tmp_path: Path, monkeypatch, setting, nativ
     summary = t.run()
     assert summary["batch_idx_train"] > 0
     assert t.seen == {("embed.out", torch.float32), ("joiner", expected)}
+    # the summary records what ran, not the setting (zipasr.train.numerics)
+    assert summary["numerics"]["joiner_bf16"] is (expected == torch.bfloat16)
+    assert summary["numerics"]["joiner_bf16_setting"] == str(setting)
     assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path / "exp") if "loss" in r)
 
 

@@ -59,6 +59,7 @@ class Tracker:
         params["num_params"] = str(trainer.num_params)
         tags = {**self.spec.tags, **lineage.git_tags(), **lineage.host_tags(trainer.device),
                 **lineage.data_tags(trainer.input_md5),
+                **lineage.flatten({"numerics": trainer.numerics}),  # zipasr.train.numerics
                 "fingerprint": trainer.fp, "mlflow.note.content":
                     f"zipasr training run of {trainer.exp_dir}"}
         self._log_batch(params=params, tags=tags)

@@ -4,19 +4,27 @@ A checkpoint is a dict: ``model`` (state dict), ``model_avg`` (float64 running a
 ``optimizer``, ``scheduler``, ``grad_scaler``, ``sampler``, ``rng``, ``model_config``, and
 icefall's params flattened at the top level (``batch_idx_train``, ``cur_epoch``,
 ``average_period``, ...), so icefall's tools and ours read each other's files.
+
+Resuming (:func:`resume`) falls back past a truncated, garbled or missing newest file to the
+newest usable one with a warning (the trainer then sets the bad file aside as
+``<name>.corrupt``); it stops with an error, and touches nothing, when no file is usable.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from zipasr.errors import ZipasrError
 from zipasr.io import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -28,7 +36,7 @@ def save(path: Path, checkpoint: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
     # The pointer makes "newest checkpoint" a file read, not a load of every checkpoint.
-    write_text_atomic(Path(path).parent / "latest", f"{Path(path).name}\n")
+    point_latest(path)
     log.info("saved %s", path)
 
 
@@ -46,24 +54,122 @@ def list_checkpoints(exp_dir: Path, kind: str) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def newest(exp_dir: Path) -> Path | None:
-    """The most recently saved checkpoint (by the ``latest`` pointer, else by batch index)."""
+def _why(e: BaseException) -> str:
+    """An exception in one line (torch's unpickling errors run over several)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:300]}"
+
+
+def _peek_batch_idx(path: Path) -> int:
+    """``batch_idx_train`` of a checkpoint, memory-mapped: the tensors are not read, so ordering
+    fifty 1 GB files costs little. A file that fails this would fail a full load too."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):  # only the old (non-zip) format cannot be mapped
+            raise
+        state = load(path)
+    return int(state["batch_idx_train"])
+
+
+@dataclass
+class Resumed:
+    path: Path  # the checkpoint resumed from
+    # newer checkpoints skipped, with why (``path`` may not exist: the pointer named it)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def resume(exp_dir: Path, apply: Callable[[Path, dict[str, Any]], None],
+           required: Iterable[str] = ()) -> Resumed | None:
+    """Resume from the newest checkpoint in ``exp_dir`` that loads, holds the ``required`` keys
+    and that ``apply`` (which restores the trainer's state from it) accepts; older ones are
+    fallbacks for a truncated, garbled or missing newest file, each skip a warning naming the
+    file and the error. Candidates, newest first: the file the ``latest`` pointer names, then
+    ``epoch-N.pt`` / ``checkpoint-B.pt`` by batch index (an epoch file before a batch checkpoint
+    of the same batch: it was saved after it). ``apply`` may raise :class:`ZipasrError` to stop
+    (e.g. another configuration's file); any other exception counts as an unusable file.
+
+    None when there is nothing to resume from. Raises :class:`ZipasrError`, deleting and moving
+    nothing, when checkpoints exist but none is usable (see the comment at the end)."""
     exp_dir = Path(exp_dir)
+    required = tuple(required)
+    skipped: list[tuple[Path, str]] = []
+
+    def attempt(path: Path) -> bool:
+        try:
+            state = load(path)
+            if not isinstance(state, dict):
+                raise TypeError(f"holds a {type(state).__name__}, not a checkpoint dict")
+            missing = [k for k in required if k not in state]
+            if missing:
+                raise KeyError(f"missing {', '.join(missing)}")
+            apply(path, state)
+            return True
+        except (ZipasrError, MemoryError):
+            raise  # a stop, or not the file's fault: an older file would not fare better
+        except Exception as e:  # any other failure: try the next older file
+            skipped.append((path, _why(e)))
+            log.warning("cannot resume from checkpoint %s (%s); trying an older one", path,
+                        skipped[-1][1])
+            return False
+
+    first = None
     pointer = exp_dir / "latest"
     if pointer.is_file():
-        p = exp_dir / pointer.read_text().strip()
-        if p.is_file():
-            return p
-    best: tuple[int, Path] | None = None
-    for _, p in list_checkpoints(exp_dir, "epoch") + list_checkpoints(exp_dir, "checkpoint"):
-        try:
-            b = int(load(p).get("batch_idx_train", -1))
-        except Exception as e:  # a corrupt file must not stop a resume from an older one
-            log.warning("ignoring unreadable checkpoint %s: %s", p, e)
-            continue
-        if best is None or b > best[0]:
-            best = (b, p)
-    return best[1] if best else None
+        first = exp_dir / pointer.read_text().strip()
+        if not first.is_file():
+            skipped.append((first, f"does not exist (named by {pointer})"))
+            log.warning("checkpoint %s named by %s does not exist; trying the others", first,
+                        pointer)
+        elif attempt(first):
+            return Resumed(first)
+    ordered: list[tuple[int, int, Path]] = []
+    for kind_rank, kind in ((1, "epoch"), (0, "checkpoint")):
+        for _, p in list_checkpoints(exp_dir, kind):
+            if first is not None and p == first:
+                continue  # tried already
+            try:
+                ordered.append((_peek_batch_idx(p), kind_rank, p))
+            except Exception as e:  # unreadable: it cannot be resumed from
+                skipped.append((p, _why(e)))
+                log.warning("cannot resume from checkpoint %s (%s)", p, skipped[-1][1])
+    for _, _, p in sorted(ordered, key=lambda t: (t[0], t[1]), reverse=True):
+        if attempt(p):
+            if skipped:
+                log.warning("resuming from %s, the newest usable checkpoint", p)
+            return Resumed(p, skipped)
+    if not skipped:
+        return None
+    # Checkpoints exist and none is usable. Starting from zero instead would silently throw away
+    # the hours of training they hold (and pruning would then mix the new run's files with
+    # these); an icefall user whose node crashed would rather be stopped, shown the files and
+    # decide: restore one from a backup or fix the environment (an error that is not the files'
+    # fault, such as another torch, would hit every file alike, hence nothing is moved here).
+    listing = "\n".join(f"  {p.name}: {why}" for p, why in skipped)
+    raise ZipasrError(
+        f"cannot resume training in {exp_dir}: no checkpoint is usable\n{listing}\n"
+        f"Nothing was deleted. Fix or restore one of these files, or move them and "
+        f"{pointer.name} out of {exp_dir} to start afresh deliberately.")
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an unusable checkpoint to ``<name>.corrupt`` (``.corrupt-2``, ... if taken): kept
+    for inspection (a truncated file points at the disk or the network), but out of the
+    ``epoch-N.pt`` / ``checkpoint-B.pt`` names that resume, pruning and averaging look at, so a
+    later save of the same name and ``keep_last_k`` are unaffected by it."""
+    dest = path.with_name(f"{path.name}.corrupt")
+    n = 2
+    while dest.exists():
+        dest = path.with_name(f"{path.name}.corrupt-{n}")
+        n += 1
+    os.replace(path, dest)
+    return dest
+
+
+def point_latest(path: Path) -> None:
+    """Make the ``latest`` pointer name ``path`` (after resuming from an older file than it
+    named)."""
+    write_text_atomic(Path(path).parent / "latest", f"{Path(path).name}\n")
 
 
 def prune(exp_dir: Path, keep_last_k: int) -> None:

@@ -38,6 +38,7 @@ from zipasr.train import checkpoint as ckpt
 from zipasr.train.config import TrainConfig, fingerprint
 from zipasr.train.data import filter_cuts, load_cuts, make_train_loader, make_valid_loader
 from zipasr.train.launch import dist_env
+from zipasr.train.numerics import differences, numerics_facts
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ def native_bf16(device: torch.device) -> bool:
 
 
 class Trainer:
+    # what _load_state reads: a checkpoint without one of them cannot be resumed from
+    RESUME_KEYS = ("model", "model_avg", "optimizer", "scheduler", "grad_scaler", "sampler",
+                   "rng", "batch_idx_train", "best_valid_loss", "best_valid_epoch",
+                   "fingerprint")
+
     def __init__(self, cfg: TrainConfig, model_config: dict[str, Any], *,
                  train_cuts: list[Path], valid_cuts: list[Path], bpe_model: Path,
                  exp_dir: Path, progress: bool | None = None,
@@ -139,7 +145,8 @@ class Trainer:
         fp_file = self.exp_dir / "fingerprint"
         old = fp_file.read_text().strip() if fp_file.is_file() else None
         stale = [p for p in self.exp_dir.iterdir()
-                 if p.name.endswith(".pt") or p.name in ("latest", "metrics.jsonl")]
+                 if p.name.endswith(".pt") or ".pt.corrupt" in p.name  # (set aside by resume)
+                 or p.name in ("latest", "metrics.jsonl")]
         if stale and old != fp:
             dest = self.exp_dir / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
             dest.mkdir()
@@ -195,6 +202,11 @@ class Trainer:
         # under bf16/fp16 autocast the joiner is in half precision anyway
         self.joiner_bf16 = self.autocast_dtype is None and (
             cfg.joiner_bf16 is True or (cfg.joiner_bf16 == "auto" and native_bf16(self.device)))
+        # what the numbers depend on beyond config, data and seed (summary, checkpoints, MLflow)
+        self.numerics = numerics_facts(
+            self.device, precision=cfg.precision, joiner_bf16=self.joiner_bf16,
+            joiner_bf16_setting=cfg.joiner_bf16, native_bf16=native_bf16(self.device),
+            world_size=self.world_size)
 
     def _data(self) -> None:
         cfg = self.cfg
@@ -239,13 +251,35 @@ class Trainer:
             "best_valid_loss": self.best_valid_loss,
             "best_valid_epoch": self.best_valid_epoch,
             "fingerprint": self.fp,
+            "numerics": self.numerics,
+            "numerics_changes": self.numerics_changes,
         }
 
     def _resume(self) -> bool:
-        path = ckpt.newest(self.exp_dir)
-        if path is None:
+        """Continue from the newest usable checkpoint; unusable newer ones (truncated, garbled,
+        missing) are skipped with a warning and set aside as ``<name>.corrupt``."""
+        resumed = ckpt.resume(self.exp_dir, self._load_state, self.RESUME_KEYS)
+        if self.world_size > 1:
+            # each rank chose on its own: a file unreadable on one rank only (a network
+            # filesystem's hiccup) would leave the ranks on different states
+            names: list[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(names, resumed and resumed.path.name)
+            if len(set(names)) > 1:
+                raise ZipasrError(f"the ranks resumed from different checkpoints: {names}")
+        if resumed is None:
             return False
-        state = ckpt.load(path)
+        path = resumed.path
+        if self.rank == 0 and resumed.skipped:  # every rank has loaded (all_gather above)
+            for bad, _ in resumed.skipped:
+                if bad.is_file():
+                    log.warning("moved unusable checkpoint %s to %s", bad, ckpt.set_aside(bad))
+            ckpt.point_latest(path)
+        log.info("resumed from %s (epoch %d, batch %d)", path, self.cur_epoch,
+                 self.batch_idx_train)
+        return True
+
+    def _load_state(self, path: Path, state: dict[str, Any]) -> None:
+        """Restore the training state from checkpoint ``state`` (read from ``path``)."""
         if state.get("fingerprint") != self.fp:
             raise ZipasrError(f"{path} belongs to another configuration (fingerprint mismatch)")
         self.model.load_state_dict(state["model"])
@@ -263,9 +297,16 @@ class Trainer:
             ckpt.set_rng_state(ranks_rng[self.rank])  # each rank its own dropout stream
         else:
             ckpt.set_rng_state(state["rng"])
-        log.info("resumed from %s (epoch %d, batch %d)", path, self.cur_epoch,
-                 self.batch_idx_train)
-        return True
+        # resumed on other numerics (another CPU kind, thread count, torch...): the result is no
+        # longer bit-identical to an uninterrupted run; say so and keep the record
+        self.numerics_changes = list(state.get("numerics_changes", []))
+        changed = differences(state.get("numerics"), self.numerics)
+        if changed:
+            self.numerics_changes.append({"batch": self.batch_idx_train, "changed": changed})
+            log.warning("resuming at batch %d with numerics other than %s was written with "
+                        "(%s): the result will not be bit-identical to an uninterrupted run",
+                        self.batch_idx_train, path.name,
+                        "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
 
     def _save(self, name: str) -> None:
         """Rank 0 writes; with DDP every rank calls this (it gathers the ranks' RNG states, so a
@@ -457,6 +498,7 @@ class Trainer:
         self.batch_idx_train, self.cur_epoch, self.batches_in_epoch = 0, 1, 0
         self.best_valid_loss, self.best_valid_epoch = float("inf"), 0
         self.bad_in_a_row = self.bad_total = 0
+        self.numerics_changes: list[dict[str, Any]] = []
         resumed = self._resume()
         if resumed and self.rank == 0:
             self._truncate_metrics()
@@ -547,5 +589,6 @@ class Trainer:
                    "best_valid_epoch": self.best_valid_epoch, "num_params": self.num_params,
                    "train_hours": round(self.train_hours, 4), "resumed": resumed,
                    "bad_batches": self.bad_total, "world_size": self.world_size,
-                   "seconds_this_run": round(time.perf_counter() - t_start, 1)}
+                   "seconds_this_run": round(time.perf_counter() - t_start, 1),
+                   "numerics": self.numerics, "numerics_changes": self.numerics_changes}
         return summary
