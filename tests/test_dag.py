@@ -1,18 +1,53 @@
 """The whole DAG on the smoke config, through the real Snakemake: synthesize → manifests →
-fbank → BPE → train → average → decode (both methods) → WER table; then incremental reruns."""
+fbank → BPE → train → average → decode (both methods) → WER table; then incremental reruns:
+what each kind of config change plans (dry runs), and one real rerun after a beam change
+whose WER table and MLflow results hold the new beam only."""
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import yaml
 from helpers import ROOT, planned_jobs, snakemake
 
+# What a config change reruns after the whole smoke DAG ran ("all" is the target rule).
+# Nothing upstream of the change runs again: not fbank for BPE, not BPE for the model.
+AFTER_TRAIN = {"train": 1, "average": 1, "decode": 4, "score": 1, "all": 1}
+RERUNS: list[tuple[dict[str, Any], dict[str, int]]] = [
+    # job sizes (threads) and tracking settings change no result: nothing reruns
+    ({"train": {"threads": 2}, "features": {"num_jobs": 2},
+      "corpus": {"synth": {"num_jobs": 2}},
+      "tracking": {"metrics_interval": 3, "register_model": False, "experiment": "other"}}, {}),
+    ({"model": {"use_ctc": False}}, AFTER_TRAIN),
+    ({"train": {"base_lr": 0.03}}, AFTER_TRAIN),
+    ({"bpe": {"vocab_size": 90}}, {"bpe": 1, **AFTER_TRAIN}),
+    ({"average": {"use_averaged_model": True}},
+     {"average": 1, "decode": 4, "score": 1, "all": 1}),
+    # the beam: beam-search decoding only (greedy search does not read it)
+    ({"decode": {"beam": 2}}, {"decode": 2, "score": 1, "all": 1}),
+    # fewer methods: the table is remade from the decodings that exist
+    ({"decode": {"methods": ["greedy_search"]}}, {"score": 1, "all": 1}),
+]
+
+
+def merged(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``change`` merged in, recursively (``base`` is left as it is)."""
+    out = copy.deepcopy(base)
+    for k, v in change.items():
+        out[k] = merged(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
 
 def test_smoke_dag_end_to_end_and_incremental(workdir: Path) -> None:
     smoke = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    # MLflow in the scratch directory whatever the environment says (a tracking key: it
+    # reruns nothing, checked below)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    smoke["tracking"] = {"uri": uri}
     snakemake(workdir, smoke)
     exp = workdir / "exp" / "smoke"
 
@@ -45,7 +80,45 @@ def test_smoke_dag_end_to_end_and_incremental(workdir: Path) -> None:
     for rule in ("synth", "fbank", "bpe", "train", "average", "decode", "score"):
         assert list((workdir / "logs" / rule).glob("*.benchmark.tsv")), rule
 
-    # nothing changed: nothing runs; a decoding option reruns only decoding and scoring
+    # nothing changed: nothing runs; each kind of change reruns from the rule reading it
     assert planned_jobs(workdir, smoke) == {}
-    smoke["decode"]["beam"] = 2
-    assert planned_jobs(workdir, smoke) == {"decode": 2, "score": 1, "all": 1}
+    for change, expected in RERUNS:
+        assert planned_jobs(workdir, merged(smoke, change)) == expected, change
+
+    # a real rerun with another beam: the table has the new beam's column only, although
+    # the beam-4 files stay on disk; greedy search was not decoded again
+    greedy = exp / "greedy_search" / "wer-summary-test-greedy_search-epoch-1_avg-1.txt"
+    greedy_mtime = greedy.stat().st_mtime_ns
+    beam2 = merged(smoke, {"decode": {"beam": 2}})
+    snakemake(workdir, beam2)
+    header = (exp / "wer.tsv").read_text().splitlines()[0].split("\t")
+    assert header == ["test_set", "greedy_search-epoch-1_avg-1",
+                      "modified_beam_search_beam-size-2-epoch-1_avg-1"]
+    beam_dir = exp / "modified_beam_search"
+    assert (beam_dir / "wer-summary-test-modified_beam_search_beam-size-4-epoch-1_avg-1.txt"
+            ).is_file()
+    assert greedy.stat().st_mtime_ns == greedy_mtime
+    assert planned_jobs(workdir, beam2) == {}
+    assert_mlflow_logged_the_table(uri, exp / "wer.tsv")
+
+
+def assert_mlflow_logged_the_table(uri: str, table_path: Path) -> None:
+    """The last scoring's nested MLflow run holds exactly the WER table's cells and the result
+    files of its columns (none of the beam-4 files still in the exp dir)."""
+    from mlflow.tracking import MlflowClient
+
+    from zipasr.track.results import metric_key
+
+    table = [row.split("\t") for row in table_path.read_text().splitlines()]
+    cells = {metric_key(row[0], table[0][i]): float(row[i])
+             for row in table[1:] for i in range(1, len(table[0]))}
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("zipasr-synth").experiment_id],
+                              "tags.stage = 'decode'", order_by=["attributes.start_time DESC"])
+    assert len(runs) == 2  # one nested run per scoring
+    last = runs[0]
+    assert {k: round(v, 2) for k, v in last.data.metrics.items()} == cells
+    files = {a.path for d in ("greedy_search", "modified_beam_search")
+             for a in client.list_artifacts(last.info.run_id, d)}
+    assert len(files) == 2 * 2 * 3  # (dev, test) x (greedy, beam 2) x (recogs, errs, summary)
+    assert not any("beam-size-4" in f for f in files)

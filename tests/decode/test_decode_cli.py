@@ -161,8 +161,14 @@ def test_decode_both_methods_and_wer_table(setup: dict[str, Path], tmp_path: Pat
         for title in ("PER-UTT DETAILS:", "SUBSTITUTIONS:", "DELETIONS:", "INSERTIONS:",
                       "PER-WORD STATS:"):
             assert f"\n{title}" in errs
+    # a beam-2 decoding in the same directory: the table holds the files given, no others
+    _decode(setup, out, "modified_beam_search", "--beam", "2")
+    assert (out / "wer-summary-test-modified_beam_search_beam-size-2.txt").is_file()
+    capsys.readouterr()
     table = tmp_path / "wer.tsv"
-    assert _cli("wer-table", "--result-dir", out, "--out", table) == 0
+    summaries = [out / f"wer-summary-test-{key}.txt"
+                 for key in ("greedy_search", "modified_beam_search_beam-size-4")]
+    assert _cli("wer-table", *summaries, "--out", table) == 0
     lines = table.read_text().splitlines()
     assert lines[0] == "test_set\tgreedy_search\tmodified_beam_search_beam-size-4"
     assert lines[1].startswith("test\t") and len(lines) == 2
@@ -240,8 +246,10 @@ def test_errors(setup: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ZipasrError, match="does not match"):
         _decode(setup, tmp_path, "greedy_search", "--preset", "demo",
                 model=setup["pretrained"])
-    with pytest.raises(ZipasrError, match="no wer-summary"):
-        _cli("wer-table", "--result-dir", tmp_path / "empty")
+    with pytest.raises(ZipasrError, match="does not exist"):
+        _cli("wer-table", tmp_path / "wer-summary-test-greedy_search.txt")
+    with pytest.raises(SystemExit):  # argparse: at least one file
+        _cli("wer-table", "--out", tmp_path / "wer.tsv")
 
 
 def test_too_short_cut_gets_empty_hypothesis(setup: dict[str, Path], tmp_path: Path) -> None:

@@ -9,13 +9,23 @@ from pathlib import Path
 import kaldialign
 import pytest
 
-from zipasr.decode.decode import format_wer_table, read_wer_summaries
+from zipasr.decode.names import (
+    model_name,
+    parse_result_file,
+    result_file,
+    result_key,
+    sibling_result_files,
+    split_result_name,
+)
 from zipasr.decode.scoring import (
     error_stats,
     format_alignment,
+    format_wer_table,
     read_recogs,
+    read_wer_summaries,
     save_results,
 )
+from zipasr.errors import ZipasrError
 
 RESULTS = [
     ("u1", "THE CAT SAT ON THE MAT".split(), "THE CAT SAT ON MAT".split()),  # 1 del
@@ -101,18 +111,73 @@ def test_empty_reference() -> None:
     assert (st.ins, st.ref_len, st.wer) == (1, 0, 0.0)
 
 
+def test_result_names() -> None:
+    """The names the rules declare and `zipasr decode` writes (one implementation)."""
+    assert model_name(30, 9, True) == "epoch-30_avg-9_use-averaged-model"
+    assert model_name(1, 1, False) == "epoch-1_avg-1"
+    assert result_key("greedy_search", 4) == "greedy_search"
+    assert result_key("modified_beam_search", 2) == "modified_beam_search_beam-size-2"
+    assert result_file("errs", "test-clean", "greedy_search", "epoch-1_avg-1") == (
+        "errs-test-clean-greedy_search-epoch-1_avg-1.txt")
+    assert result_file("wer-summary", "{part}", "{key}") == "wer-summary-{part}-{key}.txt"
+    with pytest.raises(ValueError, match="kind"):
+        result_file("wer", "test", "greedy_search")
+    assert parse_result_file("wer-summary-dev-greedy_search.txt") == (
+        "wer-summary", "dev-greedy_search")
+    assert sibling_result_files("errs-dev-greedy_search.txt") == [
+        "recogs-dev-greedy_search.txt", "errs-dev-greedy_search.txt",
+        "wer-summary-dev-greedy_search.txt"]
+    with pytest.raises(ValueError, match="is not named"):
+        parse_result_file("wer-dev-greedy_search.txt")
+    key = "modified_beam_search_beam-size-4"
+    assert split_result_name(f"test-clean-{key}-epoch-1_avg-1", key) == (
+        "test-clean", f"{key}-epoch-1_avg-1")
+    assert split_result_name(f"dev-{key}", key) == ("dev", key)
+
+
 def test_wer_table(tmp_path: Path) -> None:
     results = [("u", ["A", "B"], ["A", "C"])]  # 50 %
     save_results(tmp_path / "greedy", "test-clean", "greedy_search", results)
     save_results(tmp_path / "greedy", "test-other", "greedy_search", [
         ("u", ["A", "B", "C", "D"], ["A", "B", "C", "D"])])
-    save_results(tmp_path / "beam", "test-clean", "modified_beam_search_beam-size-4",
+    beam4 = "modified_beam_search_beam-size-4"
+    save_results(tmp_path / "beam", "test-clean", beam4,
                  [("u", ["A", "B", "C", "D"], ["A", "B", "C"])])
-    rows = read_wer_summaries(tmp_path)
-    assert sorted(rows) == [("test-clean", "greedy_search", 50.0),
-                            ("test-clean", "modified_beam_search_beam-size-4", 25.0),
-                            ("test-other", "greedy_search", 0.0)]
-    table = format_wer_table(sorted(rows))
-    assert table == ("test_set\tgreedy_search\tmodified_beam_search_beam-size-4\n"
+    # an older decoding left on disk: not among the files given, so not in the table
+    save_results(tmp_path / "beam", "test-clean", "modified_beam_search_beam-size-2", results)
+    files = [tmp_path / "greedy" / "wer-summary-test-clean-greedy_search.txt",
+             tmp_path / "beam" / f"wer-summary-test-clean-{beam4}.txt",
+             tmp_path / "greedy" / "wer-summary-test-other-greedy_search.txt"]
+    rows = read_wer_summaries(files)
+    assert rows == [("test-clean", "greedy_search", 50.0),
+                    ("test-clean", beam4, 25.0),
+                    ("test-other", "greedy_search", 0.0)]
+    table = format_wer_table(rows)
+    assert table == (f"test_set\tgreedy_search\t{beam4}\n"
                      "test-clean\t50.00\t25.00\n"
                      "test-other\t0.00\t-\n")
+    # a suffix (the averaged model's name) stays in the column name
+    save_results(tmp_path / "avg", "dev", "greedy_search", results, suffix="epoch-1_avg-1")
+    assert read_wer_summaries([tmp_path / "avg" / "wer-summary-dev-greedy_search-epoch-1_avg-1"
+                               ".txt"]) == [("dev", "greedy_search-epoch-1_avg-1", 50.0)]
+
+
+def test_wer_table_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ZipasrError, match="does not exist"):
+        read_wer_summaries([tmp_path / "wer-summary-test-greedy_search.txt"])
+    save_results(tmp_path / "a", "test", "greedy_search", [("u", ["A"], ["A"])])
+    with pytest.raises(ZipasrError, match=r"not a wer-summary file \(errs\)"):
+        read_wer_summaries([tmp_path / "a" / "errs-test-greedy_search.txt"])
+    other = tmp_path / "summary.txt"
+    other.write_text("settings\tWER\ngreedy_search\t1.00\n")
+    with pytest.raises(ZipasrError, match="is not named"):
+        read_wer_summaries([other])
+    bad = tmp_path / "wer-summary-test-greedy_search.txt"
+    bad.write_text("greedy_search\t1.00\n")
+    with pytest.raises(ZipasrError, match="not a wer-summary file"):
+        read_wer_summaries([bad])
+    # the same cell from two directories: an error, not a silently dropped result
+    save_results(tmp_path / "b", "test", "greedy_search", [("u", ["A"], ["B"])])
+    with pytest.raises(ZipasrError, match="in both"):
+        read_wer_summaries([tmp_path / d / "wer-summary-test-greedy_search.txt"
+                            for d in ("a", "b")])

@@ -1,4 +1,6 @@
 # Paths and config lookups shared by the rule files. Rules read config only through these.
+# Model and result file names come from zipasr.decode.names, which `zipasr decode` writes with.
+from zipasr.decode.names import model_name, result_file, result_key
 
 D = config["data_dir"]
 CORPUS = config["corpus"]
@@ -9,10 +11,8 @@ ALL_PARTS = list(dict.fromkeys(TRAIN_PARTS + EVAL_PARTS))
 STRICT = "--strict" if config["strict"] else ""
 EXP = config["exp_dir"].rstrip("/")
 EXP_NAME = EXP.replace("/", "_")
-_avg = config["average"]
-AVG_NAME = f"epoch-{config['train']['num_epochs']}_avg-{_avg['avg']}" + (
-    "_use-averaged-model" if _avg["use_averaged_model"] else ""
-)
+AVG_NAME = model_name(config["train"]["num_epochs"], config["average"]["avg"],
+                      config["average"]["use_averaged_model"])
 
 if CORPUS["name"] == "synth" and set(ALL_PARTS) - {"train", "dev", "test"}:
     raise ValueError(

@@ -8,7 +8,8 @@ if CORPUS["name"] == "synth":
             [manifest(kind, part) for part in ("train", "dev", "test")
              for kind in ("recordings", "supervisions")],
         params:
-            synth=CORPUS["synth"],
+            # num_jobs sizes the job (threads) only: the corpus is the same whatever it is
+            synth={k: v for k, v in CORPUS["synth"].items() if k != "num_jobs"},
             prefix=PREFIX,
         log:
             "logs/synth/synth.log",

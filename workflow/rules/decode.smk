@@ -1,13 +1,11 @@
 # Decoding (per evaluation part x method) and the final WER table.
+import re
 
 
-def result_key(method):
-    beam = config["decode"]["beam"]
-    return method if method == "greedy_search" else f"{method}_beam-size-{beam}"
-
-
-def wer_summary(part, method):
-    return f"{EXP}/{method}/wer-summary-{part}-{result_key(method)}-{AVG_NAME}.txt"
+def wer_summary(part, method, key):
+    """{EXP}/{method}/wer-summary-{part}-{key}-{AVG_NAME}.txt: the name `zipasr decode
+    --result-dir {EXP}/{method} --suffix {AVG_NAME}` writes (zipasr.decode.names)."""
+    return f"{EXP}/{method}/{result_file('wer-summary', part, key, AVG_NAME)}"
 
 
 def decode_args(wildcards):
@@ -25,7 +23,7 @@ rule decode:
         cuts=lambda w: cuts(w.part),
         bpe=f"{lang_dir()}/bpe.model",
     output:
-        f"{EXP}/{{method}}/wer-summary-{{part}}-{{key}}-{AVG_NAME}.txt",
+        wer_summary("{part}", "{method}", "{key}"),
     params:
         args=decode_args,
     log:
@@ -34,6 +32,10 @@ rule decode:
         f"logs/decode/{EXP_NAME}-{{part}}-{{method}}-{{key}}.benchmark.tsv"
     wildcard_constraints:
         method="greedy_search|modified_beam_search",
+        # the keys `zipasr decode` writes for the configured beam: a file of another beam
+        # has no rule (instead of a job that would write a different name)
+        key="|".join(re.escape(result_key(m, config["decode"]["beam"]))
+                     for m in ("greedy_search", "modified_beam_search")),
     threads: 1
     shell:
         "zipasr decode --model {input.model} --bpe-model {input.bpe} --cuts {input.cuts}"
@@ -43,8 +45,11 @@ rule decode:
 
 
 rule score:
+    # exactly the current configuration's results: files of another beam or averaged model
+    # left in {EXP} are neither in the table nor in MLflow
     input:
-        [wer_summary(p, m) for p in EVAL_PARTS for m in config["decode"]["methods"]],
+        [wer_summary(p, m, result_key(m, config["decode"]["beam"]))
+         for p in EVAL_PARTS for m in config["decode"]["methods"]],
     output:
         f"{EXP}/wer.tsv",
     log:
@@ -52,7 +57,8 @@ rule score:
     benchmark:
         f"logs/score/{EXP_NAME}.benchmark.tsv"
     shell:
-        "zipasr wer-table --result-dir {EXP} --out {output} 2> {log} && cat {output}"
+        "zipasr wer-table {input} --out {output} 2> {log} && cat {output}"
         # MLflow (tracking.* config; a no-op when off, never fails the rule): WERs, files, model
-        " && zipasr track-results --exp-dir {EXP} --wer-table {output} --model {EXP}/{AVG_NAME}.pt"
+        " && zipasr track-results --exp-dir {EXP} --summaries {input} --wer-table {output}"
+        " --model {EXP}/{AVG_NAME}.pt"
         " --log-files logs/train/{EXP_NAME}.log 2>> {log}"

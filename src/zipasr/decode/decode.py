@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from zipasr.decode.average import load_checkpoint, strip_ddp_prefix
+from zipasr.decode.names import result_key
 from zipasr.decode.scoring import ErrorStats, Result, save_results
 from zipasr.decode.search import search
 from zipasr.errors import ZipasrError
@@ -189,11 +190,6 @@ class DecodeSummary:
         return self.wall_seconds / max(self.audio_seconds, 1e-9)
 
 
-def result_key(method: str, beam: int) -> str:
-    """icefall's result keys: ``greedy_search``, ``modified_beam_search_beam-size-4``."""
-    return method if method == "greedy_search" else f"{method}_beam-size-{beam}"
-
-
 @torch.inference_mode()
 def decode_cuts(model: Any, sp: Any, cuts: Any, *, method: str, beam: int = 4,
                 max_duration: float = 300.0, device: str | torch.device = "cpu",
@@ -257,38 +253,3 @@ def decode_and_score(model: Any, sp: Any, cuts_paths: Sequence[Path], result_dir
                  audio, wall, s.rtf)
         out.append(s)
     return out
-
-
-def read_wer_summaries(result_dir: Path) -> list[tuple[str, str, float]]:
-    """(test set, setting, WER) from every ``wer-summary-*.txt`` under ``result_dir``.
-
-    The file name is ``wer-summary-{test_set}-{key}[-{suffix}].txt`` and the file holds
-    ``key\\twer`` lines, so the test set is what precedes ``-{key}`` in the name.
-    """
-    rows = []
-    for p in sorted(Path(result_dir).rglob("wer-summary-*.txt")):
-        stem = p.name[len("wer-summary-"):-len(".txt")]
-        lines = p.read_text().splitlines()
-        if not lines or lines[0].split("\t") != ["settings", "WER"]:
-            raise ZipasrError(f"{p} is not a wer-summary file")
-        for line in lines[1:]:
-            if not line.strip():
-                continue
-            key, wer = line.split("\t")
-            pos = stem.rfind(f"-{key}")
-            test_set = stem[:pos] if pos > 0 else stem
-            setting = stem[pos + 1:] if pos > 0 else key
-            rows.append((test_set, setting, float(wer)))
-    return rows
-
-
-def format_wer_table(rows: Sequence[tuple[str, str, float]]) -> str:
-    """TSV: one row per test set, one column per setting (method [+ suffix])."""
-    test_sets = list(dict.fromkeys(r[0] for r in rows))
-    settings = list(dict.fromkeys(r[1] for r in rows))
-    wer = {(t, s): w for t, s, w in rows}
-    lines = ["test_set\t" + "\t".join(settings)]
-    for t in test_sets:
-        cells = [f"{wer[(t, s)]:.2f}" if (t, s) in wer else "-" for s in settings]
-        lines.append(t + "\t" + "\t".join(cells))
-    return "\n".join(lines) + "\n"

@@ -46,7 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_decode)
 
     p = sub.add_parser("wer-table", help="collect wer-summary files into one WER table")
-    p.add_argument("--result-dir", type=Path, required=True)
+    # the files themselves, not a directory to search: results of an older configuration
+    # (another beam, another averaged model) left on disk must not reappear in the table
+    p.add_argument("summaries", type=Path, nargs="+", metavar="WER_SUMMARY",
+                   help="wer-summary-*.txt files (rows: test sets, columns: settings, both in "
+                        "the order given)")
     p.add_argument("--out", type=Path, default=None, help="write the table (TSV) here too")
     p.set_defaults(func=_wer_table)
 
@@ -109,13 +113,13 @@ def _decode(args: argparse.Namespace) -> int:
 
 
 def _wer_table(args: argparse.Namespace) -> int:
-    from zipasr.decode.decode import format_wer_table, read_wer_summaries
+    from zipasr.decode.scoring import format_wer_table, read_wer_summaries
     from zipasr.errors import ZipasrError
     from zipasr.io import write_text_atomic
 
-    rows = read_wer_summaries(args.result_dir)
+    rows = read_wer_summaries(args.summaries)
     if not rows:
-        raise ZipasrError(f"no wer-summary-*.txt files under {args.result_dir}")
+        raise ZipasrError(f"no WER in {', '.join(map(str, args.summaries))}")
     table = format_wer_table(rows)
     print(table, end="")
     if args.out is not None:

@@ -10,7 +10,9 @@ result dir:
   and PER-WORD STATS (icefall's ``write_error_stats``);
 * ``wer-summary-{name}.txt``: ``settings\\tWER`` and one ``{key}\\t{wer}`` line;
 
-where ``name`` is ``{test_set}-{key}`` or ``{test_set}-{key}-{suffix}``.
+where ``name`` is ``{test_set}-{key}`` or ``{test_set}-{key}-{suffix}`` (built by
+:mod:`zipasr.decode.names`). :func:`read_wer_summaries` and :func:`format_wer_table` turn given
+wer-summary files into the WER table.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import kaldialign
 
+from zipasr.decode.names import parse_result_file, result_file, split_result_name
+from zipasr.errors import ZipasrError
 from zipasr.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -154,18 +158,14 @@ def write_wer_summary(path: Path, wers: dict[str, float]) -> None:
         tmp.write_text("settings\tWER\n" + body)
 
 
-def result_name(test_set: str, key: str, suffix: str | None = None) -> str:
-    return f"{test_set}-{key}" + (f"-{suffix}" if suffix else "")
-
-
 def save_results(result_dir: Path, test_set: str, key: str, results: Sequence[Result],
                  suffix: str | None = None) -> ErrorStats:
     """Write the recogs, errs and wer-summary files of one test set and key."""
     result_dir = Path(result_dir)
-    name = result_name(test_set, key, suffix)
-    write_recogs(result_dir / f"recogs-{name}.txt", results)
-    st = write_error_stats(result_dir / f"errs-{name}.txt", results)
-    write_wer_summary(result_dir / f"wer-summary-{name}.txt", {key: st.wer})
+    write_recogs(result_dir / result_file("recogs", test_set, key, suffix), results)
+    st = write_error_stats(result_dir / result_file("errs", test_set, key, suffix), results)
+    write_wer_summary(result_dir / result_file("wer-summary", test_set, key, suffix),
+                      {key: st.wer})
     log.info("[%s-%s] %%WER %.2f%% [%d / %d, %d ins, %d del, %d sub]", test_set, key, st.wer,
              st.errors, st.ref_len, st.ins, st.dels, st.subs)
     return st
@@ -184,3 +184,52 @@ def read_recogs(path: Path) -> list[Result]:
         kind, value = rest.split("=", 1)
         (refs if kind == "ref" else hyps)[cut_id] = ast.literal_eval(value)
     return [(k, refs[k], hyps.get(k, [])) for k in sorted(refs)]
+
+
+def read_wer_summaries(paths: Sequence[str | Path]) -> list[tuple[str, str, float]]:
+    """(test set, setting, WER) from the given ``wer-summary-*.txt`` files, in their order.
+
+    Exactly these files, never a directory search: the WER table must show the results the
+    current configuration asked for, not whatever older decodings left on disk. The file name
+    is ``wer-summary-{test_set}-{key}[-{suffix}].txt`` and the file holds ``key\\twer`` lines;
+    the setting (the table's column) is ``key[-suffix]``.
+    """
+    rows: list[tuple[str, str, float]] = []
+    seen: dict[tuple[str, str], Path] = {}
+    for p in dict.fromkeys(Path(x) for x in paths):
+        if not p.is_file():
+            raise ZipasrError(f"wer-summary file {p} does not exist")
+        try:
+            kind, name = parse_result_file(p.name)
+        except ValueError as e:
+            raise ZipasrError(str(e)) from None
+        if kind != "wer-summary":
+            raise ZipasrError(f"{p} is not a wer-summary file ({kind})")
+        lines = p.read_text().splitlines()
+        if not lines or lines[0].split("\t") != ["settings", "WER"]:
+            raise ZipasrError(f"{p} is not a wer-summary file")
+        for line in lines[1:]:
+            if not line.strip():
+                continue
+            key, wer = line.split("\t")
+            test_set, setting = split_result_name(name, key)
+            if (test_set, setting) in seen:
+                # two directories with the same names: a table cell would silently be lost
+                raise ZipasrError(f"{test_set} {setting}: in both {seen[test_set, setting]} "
+                                  f"and {p}")
+            seen[test_set, setting] = p
+            rows.append((test_set, setting, float(wer)))
+    return rows
+
+
+def format_wer_table(rows: Sequence[tuple[str, str, float]]) -> str:
+    """TSV: one row per test set, one column per setting (method [+ suffix]), both in their
+    order of first appearance; ``-`` for a missing cell."""
+    test_sets = list(dict.fromkeys(r[0] for r in rows))
+    settings = list(dict.fromkeys(r[1] for r in rows))
+    wer = {(t, s): w for t, s, w in rows}
+    lines = ["test_set\t" + "\t".join(settings)]
+    for t in test_sets:
+        cells = [f"{wer[(t, s)]:.2f}" if (t, s) in wer else "-" for s in settings]
+        lines.append(t + "\t" + "\t".join(cells))
+    return "\n".join(lines) + "\n"

@@ -10,6 +10,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("track-results", help="log WERs, result files and the averaged model "
                                              "into the experiment's MLflow run")
     p.add_argument("--exp-dir", type=Path, required=True)
+    p.add_argument("--summaries", type=Path, nargs="*", default=[], metavar="WER_SUMMARY",
+                   help="the wer-summary files of the WER table: their WERs and result files "
+                        "are logged (no directory search)")
     p.add_argument("--wer-table", type=Path)
     p.add_argument("--model", type=Path, help="the averaged model to log and register")
     p.add_argument("--log-files", type=Path, nargs="*", default=[])
@@ -43,8 +46,8 @@ def _track_results(args: argparse.Namespace) -> int:
     if not spec.enabled:
         return 0
     # never fails the rule: a tracking problem is a warning (logged by the guard)
-    log_results(spec, args.exp_dir, model=args.model, wer_table=args.wer_table,
-                log_files=args.log_files)
+    log_results(spec, args.exp_dir, summaries=args.summaries, model=args.model,
+                wer_table=args.wer_table, log_files=args.log_files)
     return 0
 
 

@@ -23,17 +23,30 @@ def metric_key(test_set: str, setting: str) -> str:
     return "wer/" + re.sub(r"[^\w./ -]", "_", f"{test_set}/{setting}")
 
 
-def wer_metrics(exp_dir: Path) -> dict[str, float]:
-    from zipasr.decode.decode import read_wer_summaries
+def wer_metrics(summaries: list[Path]) -> dict[str, float]:
+    """The WER table's cells (``zipasr wer-table`` reads the same files the same way)."""
+    from zipasr.decode.scoring import read_wer_summaries
 
-    return {metric_key(t, s): w for t, s, w in read_wer_summaries(exp_dir)}
+    return {metric_key(t, s): w for t, s, w in read_wer_summaries(summaries)}
 
 
-def log_results(spec: TrackingSpec, exp_dir: Path, *, model: Path | None = None,
-                wer_table: Path | None = None, log_files: list[Path] | None = None) -> str | None:
+def result_files(summaries: list[Path]) -> list[Path]:
+    """The recogs, errs and wer-summary files of the given wer-summary files (siblings of the
+    same name), not every result file of the exp dir: older decodings stay out."""
+    from zipasr.decode.names import sibling_result_files
+
+    return [f for p in summaries for name in sibling_result_files(p.name)
+            if (f := p.parent / name).is_file()]
+
+
+def log_results(spec: TrackingSpec, exp_dir: Path, *, summaries: list[Path] | None = None,
+                model: Path | None = None, wer_table: Path | None = None,
+                log_files: list[Path] | None = None) -> str | None:
     """Log into the exp dir's run (created when training was not tracked) and a nested
-    ``decode`` run per call. Returns the experiment run id, or None when tracking is off or
-    failed (warned)."""
+    ``decode`` run per call: the WERs of ``summaries`` (the wer-summary files the WER table was
+    made from) and their result files. Returns the experiment run id, or None when tracking is
+    off or failed (warned)."""
+    summaries = [Path(p) for p in summaries or []]
     guard = Guard()
     opened = open_client(spec, guard)
     if opened is None:
@@ -43,7 +56,7 @@ def log_results(spec: TrackingSpec, exp_dir: Path, *, model: Path | None = None,
     if got is None:
         return None
     run_id, _ = got
-    wers = guard(wer_metrics, exp_dir) or {}
+    wers = guard(wer_metrics, summaries) or {}
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
@@ -58,9 +71,8 @@ def log_results(spec: TrackingSpec, exp_dir: Path, *, model: Path | None = None,
     if child is not None:
         cid = child.info.run_id
         guard(client.log_batch, cid, metrics=metrics)
-        for f in sorted(exp_dir.rglob("*.txt")):
-            if f.name.startswith(("recogs-", "errs-", "wer-summary-")):
-                guard(client.log_artifact, cid, str(f), f.parent.name)
+        for f in guard(result_files, summaries) or []:
+            guard(client.log_artifact, cid, str(f), f.parent.name)
         guard(client.set_terminated, cid, "FINISHED")
     if wer_table is not None and wer_table.is_file():
         guard(client.log_artifact, run_id, str(wer_table))

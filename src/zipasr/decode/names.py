@@ -1,0 +1,64 @@
+"""The names of the averaged model and of the result files, built here only: the workflow's
+rules (which declare the files) and ``zipasr decode`` (which writes them) both call these, so
+the two cannot drift apart. No heavy imports: the Snakefile imports this module.
+
+* averaged model: ``epoch-{E}_avg-{A}[_use-averaged-model]`` (icefall's ``--epoch``/``--avg``
+  suffix), the ``.pt`` file's stem and the result files' suffix;
+* result key: ``greedy_search`` or ``modified_beam_search_beam-size-{beam}`` (icefall's);
+* result file: ``{kind}-{test_set}-{key}[-{suffix}].txt``, kind one of :data:`RESULT_KINDS`.
+"""
+
+from __future__ import annotations
+
+RESULT_KINDS = ("recogs", "errs", "wer-summary")
+
+
+def model_name(epoch: int, avg: int, use_averaged_model: bool) -> str:
+    """``epoch-30_avg-9_use-averaged-model``, ``epoch-1_avg-1``."""
+    return f"epoch-{epoch}_avg-{avg}" + ("_use-averaged-model" if use_averaged_model else "")
+
+
+def result_key(method: str, beam: int) -> str:
+    """``greedy_search``; ``modified_beam_search_beam-size-4`` (the beam matters to it only)."""
+    return method if method == "greedy_search" else f"{method}_beam-size-{beam}"
+
+
+def result_name(test_set: str, key: str, suffix: str | None = None) -> str:
+    """``{test_set}-{key}[-{suffix}]``: the part of a result file name after its kind."""
+    return f"{test_set}-{key}" + (f"-{suffix}" if suffix else "")
+
+
+def result_file(kind: str, test_set: str, key: str, suffix: str | None = None) -> str:
+    """``wer-summary-test-greedy_search-epoch-30_avg-9.txt`` (a file name, no directory).
+    Wildcards pass through: ``result_file("recogs", "{part}", "{key}")``."""
+    if kind not in RESULT_KINDS:
+        raise ValueError(f"result file kind {kind!r} is not one of {RESULT_KINDS}")
+    return _file(kind, result_name(test_set, key, suffix))
+
+
+def _file(kind: str, name: str) -> str:
+    return f"{kind}-{name}.txt"
+
+
+def parse_result_file(filename: str) -> tuple[str, str]:
+    """(kind, name) of a :func:`result_file` name: ``("wer-summary", "test-greedy_search")``
+    from ``wer-summary-test-greedy_search.txt``. ValueError for any other name."""
+    for kind in RESULT_KINDS:
+        if filename.startswith(f"{kind}-") and filename.endswith(".txt"):
+            return kind, filename[len(kind) + 1:-len(".txt")]
+    raise ValueError(f"{filename} is not named {{{'|'.join(RESULT_KINDS)}}}-"
+                     "{test_set}-{key}[-{suffix}].txt")
+
+
+def sibling_result_files(filename: str) -> list[str]:
+    """The recogs, errs and wer-summary file names of the decoding ``filename`` belongs to."""
+    _, name = parse_result_file(filename)
+    return [_file(kind, name) for kind in RESULT_KINDS]
+
+
+def split_result_name(name: str, key: str) -> tuple[str, str]:
+    """``("test-clean", "greedy_search-epoch-1_avg-1")`` from the ``name`` of
+    :func:`result_name` and the ``key`` its file holds: (test set, key[-suffix]). The test set
+    is what precedes the last ``-{key}``: test set names may hold dashes."""
+    pos = name.rfind(f"-{key}")
+    return (name[:pos], name[pos + 1:]) if pos > 0 else (name, key)
