@@ -15,5 +15,8 @@ else:
 onsuccess:
     if config.get("tracking", {}).get("dvc_push", True) and Path(".dvc").is_dir() \
             and Path("dvc.yaml").is_file():
-        shell("zipasr dvc-commit || echo 'zipasr: DVC commit/push failed (the run itself "
-              "succeeded); rerun `zipasr dvc-commit`' >&2")
+        # a failed push is only a warning of dvc-commit's (it names the remote and the command
+        # that pushes later); a failed commit leaves the outputs unversioned
+        shell("zipasr dvc-commit || echo 'zipasr: dvc commit failed (the run itself "
+              "succeeded, its outputs are not versioned): see above, then rerun `zipasr "
+              "dvc-commit`' >&2")

@@ -9,28 +9,41 @@ from typing import Any
 
 from zipasr.track import lineage
 from zipasr.track.client import experiment_run, open_client
-from zipasr.track.safe import Guard
+from zipasr.track.safe import RECONNECT_FIRST, RECONNECT_MAX, Guard, probe
 from zipasr.track.spec import TrackingSpec
 
 log = logging.getLogger("zipasr.track")
 
+MAX_KEPT = 50_000  # metric values kept in memory during an outage (~12 MB), for a reconnection
+
 
 class Tracker:
     """Logs one training run to MLflow. With tracking disabled every method is a no-op; with the
-    backend failing, the first failure warns once and the rest are skipped."""
+    backend failing, the first failure warns once and tracking pauses: training and validation
+    metrics are kept in memory, the server is probed again after ``RECONNECT_FIRST`` s (the
+    wait doubles after each failed probe, up to ``RECONNECT_MAX``) and once more at the end of
+    training; when it answers, what was kept is sent and logging resumes."""
 
     def __init__(self, spec: TrackingSpec | None = None) -> None:
         self.spec = spec or TrackingSpec(enabled=False)
-        self.guard = Guard()
+        self.guard = Guard(hint=self._outage_hint)
         self.client: Any = None
         self.run_id: str | None = None
         self.interval = 0
+        self.exp_dir: Path | None = None
+        self.step: int | None = None          # of the metrics being sent
+        self.kept: list[Any] = []             # mlflow Metric values not sent (outage)
+        self.kept_steps: list[int] = []       # first and last step of those
+        self.dropped = 0                      # values beyond MAX_KEPT
+        self.probe_wait = RECONNECT_FIRST
+        self.last_probe: float | None = None
 
     @property
     def active(self) -> bool:
         return self.run_id is not None and self.guard.enabled
 
     def start(self, trainer: Any, resumed: bool) -> None:
+        self.exp_dir = Path(trainer.exp_dir)
         opened = open_client(self.spec, self.guard)
         if opened is None:
             return
@@ -88,7 +101,7 @@ class Tracker:
     def log_train(self, rec: dict[str, Any], optimizer: Any = None) -> None:
         """One metrics.jsonl record (losses, lr, throughput) plus the optimizer's last gradient
         norm and clipping, every ``interval`` batches."""
-        if not self.active or rec["batch"] % self.interval:
+        if self.run_id is None or rec["batch"] % self.interval:
             return
         m = {k: v for k, v in rec.items() if k != "batch" and isinstance(v, (int, float))}
         clip = getattr(optimizer, "last_clipping", None)
@@ -99,18 +112,90 @@ class Tracker:
                     m[name] = float(clip[0][k])
                 except (KeyError, TypeError, ValueError, RuntimeError):
                     pass  # not estimated yet (first steps)
-        self._log_batch(metrics=m, step=rec["batch"])
+        self._send(m, rec["batch"])
 
     def log_valid(self, batch: int, epoch: int, loss: float, end_of_epoch: bool) -> None:
         m = {"valid_loss": loss}
         if end_of_epoch:
             m["valid_loss_epoch"] = loss
             m["epochs_done"] = epoch
-        self._log_batch(metrics=m, step=batch)
+        self._send(m, batch)
+
+    def _send(self, metrics: dict[str, float], step: int) -> None:
+        """Training/validation metrics: logged now, or kept (with their time) while the server
+        is away, and sent first when it answers again."""
+        if self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        ms = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        self.step = step
+        if self.guard.enabled or self._reconnect():
+            self.guard(self.client.log_batch, self.run_id, metrics=ms)
+            if self.guard.enabled:
+                return
+        self._keep(ms, step)
+
+    def _keep(self, ms: list[Any], step: int) -> None:
+        room = max(MAX_KEPT - len(self.kept), 0)
+        self.kept += ms[:room]
+        self.dropped += len(ms[room:])
+        self.kept_steps = [self.kept_steps[0] if self.kept_steps else step, step]
+
+    def _reconnect(self, force: bool = False) -> bool:
+        """After an outage, when due (or ``force``): probe the server (one short request) and,
+        when it answers, send what was kept. True when tracking is on again."""
+        now = time.monotonic()
+        since = max((t for t in (self.last_probe, self.guard.disabled_at) if t is not None),
+                    default=now)
+        if not force and now - since < self.probe_wait:
+            return False
+        self.last_probe = now
+        why = probe(self.spec.tracking_uri())
+        if why is None:
+            self.guard.rearm()
+            n, steps = len(self.kept), self.kept_steps
+            # MLflow takes at most 1000 metrics per batch call; a resent chunk is deduplicated
+            while self.kept and self.guard.enabled:
+                self.guard(self.client.log_batch, self.run_id, metrics=self.kept[:1000])
+                if self.guard.enabled:
+                    del self.kept[:1000]
+            if self.guard.enabled:
+                log.info("MLflow: %s answers again after %.0f s: %d metric values of batches "
+                         "%s kept during the outage sent%s; logging resumed",
+                         self.spec.tracking_uri(), now - (self.guard.disabled_at or now), n,
+                         "-".join(map(str, steps)) or "(none)",
+                         f" ({self.dropped} more did not fit in memory: see metrics.jsonl)"
+                         if self.dropped else "")
+                self.kept_steps, self.dropped = [], 0
+                return True
+        # not back: probe less and less often (a frozen server costs a timeout per probe)
+        self.guard.lost_seconds += time.monotonic() - now
+        self.probe_wait = min(2 * self.probe_wait, RECONNECT_MAX)
+        log.debug("MLflow: %s still unreachable (%s); next probe in %.0f s",
+                  self.spec.tracking_uri(), why or self.guard.failure, self.probe_wait)
+        return False
+
+    def _outage_hint(self) -> str:
+        where = f"{self.exp_dir / 'metrics.jsonl'}" if self.exp_dir else "metrics.jsonl"
+        if self.run_id is None:  # no run to come back to
+            return f"This training is not tracked; its full curve is in {where}"
+        return (f"Training metrics from batch {self.step or 0} on are kept in memory (up to "
+                f"{MAX_KEPT} values) and sent if the server answers again: it is probed after "
+                f"{RECONNECT_FIRST:.0f} s, then less and less often (at most every "
+                f"{RECONNECT_MAX:.0f} s), and once more at the end of training. Either way the "
+                f"full curve is in {where}")
 
     def finish(self, status: str, exp_dir: Path | None = None,
                summary: dict[str, Any] | None = None) -> None:
-        if not self.active:
+        if self.run_id is None:
+            return
+        # a finished training tries the server once more (one probe: bounded); an interrupted
+        # one does not wait on it
+        if not self.guard.enabled and (status != "FINISHED" or not self._reconnect(force=True)):
+            if status == "FINISHED":
+                self._lost_at_end(exp_dir)
             return
         if summary:
             self._log_batch(metrics={f"final.{k}": v for k, v in summary.items()
@@ -122,3 +207,18 @@ class Tracker:
                     self.guard(self.client.log_artifact, self.run_id, str(exp_dir / name),
                                "train")
         self.guard(self.client.set_terminated, self.run_id, status)
+        if status == "FINISHED" and not self.guard.enabled:  # it went away during these calls
+            self._lost_at_end(exp_dir)
+
+    def _lost_at_end(self, exp_dir: Path | None) -> None:
+        """What the run misses in MLflow, and where it is instead."""
+        exp = Path(exp_dir or self.exp_dir or ".")
+        curve = (f"the training metrics of batches {'-'.join(map(str, self.kept_steps))} "
+                 f"({len(self.kept) + self.dropped} values), " if self.kept_steps else "")
+        log.warning(
+            "MLflow server %s still unreachable at the end of training (%s): run %s lacks %s"
+            "the final.* summary, the train/ artifacts and its FINISHED status (it shows "
+            "RUNNING). Nothing of the training is lost: the full curve is in %s and the summary "
+            "in %s (tracking cost %.1f s in failed calls and probes)", self.spec.tracking_uri(),
+            self.guard.failure, self.run_id, curve, exp / "metrics.jsonl",
+            exp / "train-summary.json", self.guard.lost_seconds)
