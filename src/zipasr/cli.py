@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "zipasr.train.train_cli",
     "zipasr.decode.decode_cli",
     "zipasr.model.cli",
+    "zipasr.deploy.cli",
     "zipasr.track.cli",
 )
 
