@@ -240,3 +240,41 @@ def test_length_normalisation_picks_longer_hypothesis(monkeypatch) -> None:
     enc = torch.tensor([[[0.0], [1.0]]])
     (b,) = modified_beam_search(model, enc, torch.tensor([2]), beam=4)
     assert b.tokens == [1, 2] and b.log_prob == pytest.approx(math.log(0.175))
+
+
+@torch.inference_mode()
+def test_emitting_frames(monkeypatch) -> None:
+    """``frames`` (the timestamps of ``zipasr transcribe``): greedy's are the frames where an
+    unbatched rebuild of its alignment emits; beam 1 reports greedy's; a merged beam
+    hypothesis keeps the frames of the highest-scoring pair at the merge."""
+    model = _model(vocab_size=12)
+    enc, lens = _encoder_out(LENS)
+    greedy = greedy_search_batch(model, enc, lens)
+    beam1 = modified_beam_search(model, enc, lens, beam=1)
+    beam4 = modified_beam_search(model, enc, lens, beam=4)
+    for i, n in enumerate(LENS):
+        ys, frames = [-1, 0], []
+        for t in range(n):
+            tok = int(_frame_log_probs(model, enc[i, t:t + 1], ys)[0].argmax())
+            if tok:
+                ys.append(tok)
+                frames.append(t)
+        assert greedy[i].frames == frames and len(frames) == len(greedy[i].tokens)
+        assert beam1[i].frames == frames
+        f4 = beam4[i].frames
+        assert len(f4) == len(beam4[i].tokens) and all(0 <= f < n for f in f4)
+        assert all(a < b for a, b in zip(f4, f4[1:], strict=False))  # <= 1 symbol per frame
+    assert sum(len(r.frames) for r in greedy) > len(LENS)  # not vacuous
+
+    # Hand-built joiner (see test_hand_built_joiner): "1" = "1 b" (.21, emitted at frame 0)
+    # merged with "b 1" (.12, frame 1): the better alignment's frame, 0.
+    fake, fenc, flens = _FakeModel(), torch.tensor([[[0.0], [1.0]]]), torch.tensor([2])
+    assert modified_beam_search(fake, fenc, flens, beam=4)[0].frames == [0]
+    # With P(. | frame 2, after blank) = [.2, .7, .1], "b 1" (.40 * .70 = .28) beats "1 b"
+    # (.21): the merged "1" (.49) is reported at frame 1.
+    monkeypatch.setitem(PROBS, (1, 0), [0.2, 0.7, 0.1])
+    (b,) = modified_beam_search(fake, fenc, flens, beam=4)
+    assert b.tokens == [1] and b.log_prob == pytest.approx(math.log(0.49))
+    assert b.frames == [1]
+    # greedy: b (.40) at frame 0, then "1" (.70) at frame 1
+    assert greedy_search_batch(fake, fenc, flens)[0].frames == [1]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -28,10 +28,16 @@ from torch import Tensor
 @dataclass
 class SearchResult:
     """One utterance's result: token ids (no blanks, no context) and the log-probability the
-    search assigned to them (greedy: the one path; beam: the merged hypothesis score)."""
+    search assigned to them (greedy: the one path; beam: the merged hypothesis score).
+
+    ``frames[k]`` is the encoder frame (index into encoder_out's time axis) at which
+    ``tokens[k]`` was emitted: greedy search's one path; for beam search, where pairs reaching
+    the same token sequence merge, the frames of the highest-scoring pair of each merge.
+    Left out of ``==`` (results compare by tokens and score)."""
 
     tokens: list[int]
     log_prob: float
+    frames: list[int] = field(default_factory=list, compare=False)
 
 
 def _decoder_out(model: nn.Module, contexts: list[list[int]], device: torch.device) -> Tensor:
@@ -78,6 +84,7 @@ def greedy_search_batch(model: nn.Module, encoder_out: Tensor, encoder_out_lens:
     enc = model.joiner.encoder_proj(encoder_out[order])  # (N, T, J)
 
     hyps = [[-1] * (context_size - 1) + [blank_id] for _ in range(N)]
+    frames: list[list[int]] = [[] for _ in range(N)]  # emitting frame of each token
     scores = [0.0] * N
     dec_cache: dict[tuple[int, ...], Tensor] = {}  # context -> projected decoder output (J,)
     # (N, J): every hypothesis starts alike
@@ -93,6 +100,7 @@ def greedy_search_batch(model: nn.Module, encoder_out: Tensor, encoder_out_lens:
             scores[i] += lp
             if tok != blank_id:
                 hyps[i].append(tok)
+                frames[i].append(t)
                 emitted.append(i)
         if emitted:
             # Only hypotheses that changed need a new decoder output, and only contexts not
@@ -102,7 +110,7 @@ def greedy_search_batch(model: nn.Module, encoder_out: Tensor, encoder_out_lens:
                                             device)
     out: list[SearchResult | None] = [None] * N
     for pos, i in enumerate(order):
-        out[i] = SearchResult(hyps[pos][context_size:], scores[pos])
+        out[i] = SearchResult(hyps[pos][context_size:], scores[pos], frames[pos])
     return out  # type: ignore[return-value]
 
 
@@ -131,6 +139,9 @@ def modified_beam_search(model: nn.Module, encoder_out: Tensor, encoder_out_lens
     start = tuple([-1] * (context_size - 1) + [blank_id])
     # Per utterance: token sequence (with the context prefix) -> log-prob (float64).
     beams: list[dict[tuple[int, ...], float]] = [{start: 0.0} for _ in range(N)]
+    # Per utterance: token sequence -> emitting frame of each of its tokens (timestamps only;
+    # they never influence the search).
+    beam_frames: list[dict[tuple[int, ...], tuple[int, ...]]] = [{start: ()} for _ in range(N)]
     dec_cache: dict[tuple[int, ...], Tensor] = {}  # context -> projected decoder output (J,)
     for t in range(max(lens, default=0)):
         n = sum(1 for length in lens if length > t)
@@ -158,20 +169,27 @@ def modified_beam_search(model: nn.Module, encoder_out: Tensor, encoder_out_lens
         top_scores, top_idx = top_scores.tolist(), top_idx.tolist()
         for i in range(n):
             merged: dict[tuple[int, ...], float] = {}
+            merged_frames: dict[tuple[int, ...], tuple[int, ...]] = {}
             for score, idx in zip(top_scores[i], top_idx[i], strict=True):
                 if score == -math.inf:  # fewer than k real pairs
                     continue
                 h, tok = divmod(idx, V)
-                ys = hyp_lists[i][h][0]
+                prev = ys = hyp_lists[i][h][0]
                 if tok != blank_id:
                     ys = ys + (tok,)
                 old = merged.get(ys)
                 merged[ys] = score if old is None else _log_add(old, score)
+                if old is None:
+                    # topk is sorted, best first: the first pair reaching ys is its best
+                    # alignment, whose frames the merged hypothesis keeps
+                    f = beam_frames[i][prev]
+                    merged_frames[ys] = f + (t,) if tok != blank_id else f
             beams[i] = merged
+            beam_frames[i] = merged_frames
     out: list[SearchResult | None] = [None] * N
     for pos, i in enumerate(order):
         ys, score = max(beams[pos].items(), key=lambda kv: kv[1] / len(kv[0]))
-        out[i] = SearchResult(list(ys[context_size:]), score)
+        out[i] = SearchResult(list(ys[context_size:]), score, list(beam_frames[pos][ys]))
     return out  # type: ignore[return-value]
 
 

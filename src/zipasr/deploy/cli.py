@@ -6,6 +6,7 @@ Registration is argparse only; the handlers import torch, onnx and the rest lazi
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,8 +17,100 @@ def register(sub: argparse._SubParsersAction) -> None:
 # -- transcribe ---------------------------------------------------------------------------
 
 
+_TRANSCRIBE_EPILOG = """\
+output (stdout, one line per file, in the order given):
+  default   PATH<TAB>TEXT (the path as given; `cut -f2` gives the text)
+  --json    one JSON object per line: {"file", "duration", "text", "tokens" (BPE pieces),
+            "token_ids", "timestamps" (start of each token, s), "words": [{"word", "start"}]}
+            A token's start is the encoder frame at which the search emitted it times the
+            model's output frame shift (40 ms for 10 ms features subsampled 4x); a word
+            starts at its first piece. modified_beam_search: the frames of its best
+            hypothesis' path (where paths to one token sequence merge, the best one's).
+
+audio: WAV, FLAC, OGG, MP3 (libsndfile) and what else lhotse's backends read, any sample
+rate (resampled to 16 kHz) and channel count (averaged to mono). Features are the training
+features: lhotse Fbank, 10 ms shift, no dither, the model's number of mel bins. Each file
+is decoded whole (no chunking; attention memory grows with the square of its length): split
+recordings longer than a few minutes first.
+
+errors: a missing, empty or undecodable file is named on stderr and skipped; the others are
+still transcribed. Exit status: 0 if every file was transcribed, 2 if any failed (or the
+model, BPE model or options are unusable). A file shorter than ~0.1 s gets an empty
+transcript and a warning.
+"""
+
+
 def _register_transcribe(sub: argparse._SubParsersAction) -> None:
-    pass
+    p = sub.add_parser(
+        "transcribe", help="transcribe audio files with a trained model",
+        description="Transcribe audio files with a trained Zipformer transducer.",
+        epilog=_TRANSCRIBE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files")
+    p.add_argument("--model", type=Path, required=True,
+                   help="training checkpoint (epoch-N.pt), averaged model (zipasr average), "
+                        "or icefall pretrained.pt (with --preset/--model-config)")
+    p.add_argument("--model-config", default=None,
+                   help="for files without model_config: JSON object, JSON/YAML file, or preset")
+    p.add_argument("--preset", default=None,
+                   help="model preset (S, M, L, demo, xs) for files without model_config")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="vocab size for --preset (default: the BPE model's)")
+    p.add_argument("--bpe-model", type=Path, required=True,
+                   help="the sentencepiece model the model was trained with (lang_bpe_N/bpe.model)")
+    p.add_argument("--method", default="greedy_search",
+                   choices=["greedy_search", "modified_beam_search"])
+    p.add_argument("--beam", "--beam-size", dest="beam", type=int, default=4,
+                   help="beam of modified_beam_search (default 4)")
+    p.add_argument("--json", action="store_true",
+                   help="JSON Lines with tokens and token/word start times")
+    p.add_argument("--max-duration", type=float, default=0.0,
+                   help="batch consecutive files while (files x longest) <= this many seconds; "
+                        "default 0: one file at a time, so a file's transcript does not depend "
+                        "on the other files (padding in a batch can shift near-ties)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
+    p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
+    p.set_defaults(func=_transcribe)
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    import sys
+
+    import torch
+
+    from zipasr.decode.decode import parse_model_config
+    from zipasr.deploy.transcribe import (
+        Transcript,
+        format_json,
+        load_transcriber,
+        transcribe_files,
+    )
+    from zipasr.errors import ZipasrError
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    if args.beam < 1:
+        raise ZipasrError(f"--beam must be >= 1, not {args.beam}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = parse_model_config(args.model_config)
+    if args.preset is not None:
+        cfg = {**(cfg or {}), "preset": args.preset}
+    transcriber = load_transcriber(args.model, args.bpe_model, model_config=cfg,
+                                   vocab_size=args.vocab_size, method=args.method,
+                                   beam=args.beam, device=device)
+
+    def on_result(t: Transcript) -> None:
+        print(format_json(t) if args.json else t.line(), flush=True)
+
+    def on_error(path: str, reason: str) -> None:
+        print(f"zipasr transcribe: error: {path}: {reason}", file=sys.stderr, flush=True)
+
+    failed = transcribe_files(transcriber, args.audio, max_duration=args.max_duration,
+                              on_result=on_result, on_error=on_error)
+    if failed:
+        print(f"zipasr transcribe: {failed} of {len(args.audio)} files failed",
+              file=sys.stderr, flush=True)
+        return 2
+    return 0
 
 
 # -- export-onnx --------------------------------------------------------------------------
