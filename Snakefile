@@ -34,6 +34,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/lang.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/decode.smk"
+include: "workflow/rules/export.smk"
 include: "workflow/rules/track.smk"
 
 
@@ -42,6 +43,7 @@ rule all:
         all_cuts(),
         lang_files(),
         f"{EXP}/wer.tsv",
+        [f"{EXP}/onnx"] if EXPORT["onnx"] else [],
     default_target: True
 
 

@@ -11,12 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from helpers import ROOT, planned_jobs, snakemake
 
 # What a config change reruns after the whole smoke DAG ran ("all" is the target rule).
 # Nothing upstream of the change runs again: not fbank for BPE, not BPE for the model.
-AFTER_TRAIN = {"train": 1, "average": 1, "decode": 4, "score": 1, "all": 1}
+AFTER_TRAIN = {"train": 1, "average": 1, "decode": 4, "score": 1, "export": 1, "all": 1}
 RERUNS: list[tuple[dict[str, Any], dict[str, int]]] = [
     # job sizes (threads) and tracking settings change no result: nothing reruns
     ({"train": {"threads": 2}, "features": {"num_jobs": 2},
@@ -26,11 +27,14 @@ RERUNS: list[tuple[dict[str, Any], dict[str, int]]] = [
     ({"train": {"base_lr": 0.03}}, AFTER_TRAIN),
     ({"bpe": {"vocab_size": 90}}, {"bpe": 1, **AFTER_TRAIN}),
     ({"average": {"use_averaged_model": True}},
-     {"average": 1, "decode": 4, "score": 1, "all": 1}),
+     {"average": 1, "decode": 4, "score": 1, "export": 1, "all": 1}),
     # the beam: beam-search decoding only (greedy search does not read it)
     ({"decode": {"beam": 2}}, {"decode": 2, "score": 1, "all": 1}),
     # fewer methods: the table is remade from the decodings that exist
     ({"decode": {"methods": ["greedy_search"]}}, {"score": 1, "all": 1}),
+    # the ONNX export's options rerun the export only; turning it off reruns nothing
+    ({"export": {"int8": False}}, {"export": 1, "all": 1}),
+    ({"export": {"onnx": False}}, {}),
 ]
 
 
@@ -77,8 +81,10 @@ def test_smoke_dag_end_to_end_and_incremental(workdir: Path) -> None:
     assert table[0].split("\t")[0] == "test_set" and len(table) == 3
     for row in table[1:]:
         assert all(0.0 <= float(v) for v in row.split("\t")[1:])
-    for rule in ("synth", "fbank", "bpe", "train", "average", "decode", "score"):
+    for rule in ("synth", "fbank", "bpe", "train", "average", "decode", "score", "export"):
         assert list((workdir / "logs" / rule).glob("*.benchmark.tsv")), rule
+
+    assert_sherpa_decodes_like_zipasr(workdir, exp, smoke["decode"].get("beam", 4))
 
     # nothing changed: nothing runs; each kind of change reruns from the rule reading it
     assert planned_jobs(workdir, smoke) == {}
@@ -100,6 +106,50 @@ def test_smoke_dag_end_to_end_and_incremental(workdir: Path) -> None:
     assert greedy.stat().st_mtime_ns == greedy_mtime
     assert planned_jobs(workdir, beam2) == {}
     assert_mlflow_logged_the_table(uri, exp / "wer.tsv")
+
+
+def assert_sherpa_decodes_like_zipasr(workdir: Path, exp: Path, beam: int) -> None:
+    """The export rule's {exp}/onnx/, run by sherpa-onnx itself on the test set's audio (one
+    batch, as `zipasr decode` batched it), transcribes as `zipasr decode` did, per method; the
+    int8 models within 1 % WER. And its encoder reproduces the PyTorch encoder on the stored
+    features of that padded batch."""
+    from lhotse import CutSet
+    from onnx_helpers import agreement, read_recogs, recognizer, sherpa_decode
+
+    from zipasr.decode.decode import FeatureLoader, collate_features, load_model
+    from zipasr.deploy.onnx_export import FP32_FILES, INT8_FILES, ort_session
+
+    onnx_dir = exp / "onnx"
+    assert sorted(p.name for p in onnx_dir.iterdir() if not p.name.startswith(".")) == sorted(
+        [*FP32_FILES, *INT8_FILES, "tokens.txt"])
+    cuts = CutSet.from_file(workdir / "data/fbank/synth_cuts_test.jsonl.gz").to_eager()
+    cuts = cuts.with_recording_path_prefix(workdir).with_features_path_prefix(workdir)
+    waves = [c.load_audio()[0] for c in cuts]
+    for method, key in (("greedy_search", "greedy_search"),
+                        ("modified_beam_search", f"modified_beam_search_beam-size-{beam}")):
+        recogs = read_recogs(exp / method / f"recogs-test-{key}-epoch-1_avg-1.txt")
+        for int8 in (False, True):
+            results = sherpa_decode(recognizer(onnx_dir, method, beam, int8), waves)
+            agree = agreement(recogs, {c.id: r.text for c, r in zip(cuts, results, strict=True)})
+            print(f"sherpa-onnx {'int8' if int8 else 'fp32'} {method}: {agree}")
+            if int8:
+                assert abs(agree.wer_sherpa - agree.wer_zipasr) <= 1.0, (method, str(agree))
+            else:
+                assert agree.identical >= 0.99, (method, str(agree))
+                assert abs(agree.wer_sherpa - agree.wer_zipasr) <= 0.2, (method, str(agree))
+
+    model = load_model(exp / "epoch-1_avg-1.pt")
+    x, x_lens = collate_features([FeatureLoader()(c) for c in cuts])
+    with torch.no_grad():
+        want, want_lens = model.forward_encoder(x, x_lens)
+        want = model.joiner.encoder_proj(want)
+    got, got_lens = ort_session(onnx_dir / "encoder.onnx").run(
+        None, {"x": x.numpy(), "x_lens": x_lens.numpy()})
+    assert got_lens.tolist() == want_lens.tolist()
+    valid = (torch.arange(want.shape[1]) < want_lens.unsqueeze(1)).numpy()
+    rel = abs(got[valid] - want.numpy()[valid]).max() / abs(want.numpy()[valid]).max()
+    print(f"onnxruntime encoder vs PyTorch on the test batch: relative difference {rel:.2e}")
+    assert rel <= 1e-4
 
 
 def assert_mlflow_logged_the_table(uri: str, table_path: Path) -> None:

@@ -13,6 +13,9 @@ EXP = config["exp_dir"].rstrip("/")
 EXP_NAME = EXP.replace("/", "_")
 AVG_NAME = model_name(config["train"]["num_epochs"], config["average"]["avg"],
                       config["average"]["use_averaged_model"])
+# ONNX export settings (export.smk); config.yaml has them all, the defaults only cover a config
+# that bypasses it
+EXPORT = {"onnx": True, "int8": True, "opset": 13, **config.get("export", {})}
 
 if CORPUS["name"] == "synth" and set(ALL_PARTS) - {"train", "dev", "test"}:
     raise ValueError(

@@ -116,5 +116,73 @@ def _transcribe(args: argparse.Namespace) -> int:
 # -- export-onnx --------------------------------------------------------------------------
 
 
+_EXPORT_EPILOG = """\
+writes into OUT_DIR (replaced whole, never left half-written):
+  encoder.onnx decoder.onnx joiner.onnx tokens.txt       for sherpa-onnx (offline transducer)
+  encoder.int8.onnx decoder.int8.onnx joiner.int8.onnx   dynamic int8 (unless --no-int8)
+Each export is checked against the PyTorch model in onnxruntime before it is written.
+Use: sherpa_onnx.OfflineRecognizer.from_transducer(encoder, decoder, joiner, tokens, ...);
+docs/deploy.md has the contract (inputs, outputs, metadata).
+"""
+
+
 def _register_export_onnx(sub: argparse._SubParsersAction) -> None:
-    pass
+    p = sub.add_parser(
+        "export-onnx", help="export a trained model to ONNX for sherpa-onnx",
+        description="Export a Zipformer transducer to ONNX (encoder, decoder, joiner, tokens) "
+                    "for sherpa-onnx's offline recognizer.",
+        epilog=_EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True,
+                   help="training checkpoint (epoch-N.pt), averaged model (zipasr average), "
+                        "or icefall pretrained.pt (with --preset/--model-config)")
+    p.add_argument("--model-config", default=None,
+                   help="for files without model_config: JSON object, JSON/YAML file, or preset")
+    p.add_argument("--preset", default=None,
+                   help="model preset (S, M, L, demo, xs) for files without model_config")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="vocab size for --preset (default: the BPE model's or tokens.txt's)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bpe-model", type=Path,
+                     help="the sentencepiece model the model was trained with (tokens.txt is "
+                          "written from it)")
+    src.add_argument("--tokens", type=Path, help="a tokens.txt (symbol id per line) to copy")
+    p.add_argument("--out-dir", type=Path, required=True, help="output directory")
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write the int8 models (default: yes)")
+    p.add_argument("--opset", type=int, default=13, help="ONNX opset (default 13, as icefall)")
+    p.set_defaults(func=_export_onnx)
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    import logging
+
+    from zipasr.decode.decode import load_model, parse_model_config
+    from zipasr.deploy.onnx_export import export_onnx
+    from zipasr.errors import ZipasrError
+    from zipasr.lang.bpe import read_tokens
+
+    if args.bpe_model is not None:
+        import sentencepiece as spm
+
+        if not args.bpe_model.is_file():
+            raise ZipasrError(f"BPE model {args.bpe_model} does not exist")
+        num_tokens = spm.SentencePieceProcessor(model_file=str(args.bpe_model)).get_piece_size()
+    else:
+        if not args.tokens.is_file():
+            raise ZipasrError(f"tokens file {args.tokens} does not exist")
+        num_tokens = len(read_tokens(args.tokens))
+    cfg = parse_model_config(args.model_config)
+    if args.preset is not None:
+        cfg = {**(cfg or {}), "preset": args.preset}
+    model = load_model(args.model, cfg, vocab_size=args.vocab_size or num_tokens)
+    if model.config.vocab_size != num_tokens:
+        raise ZipasrError(f"model vocab size {model.config.vocab_size} != "
+                          f"{num_tokens} tokens in {args.bpe_model or args.tokens}")
+    report = export_onnx(model, args.out_dir, bpe_model=args.bpe_model, tokens=args.tokens,
+                         int8=args.int8, opset=args.opset,
+                         comment=f"non-streaming zipformer2 from {args.model.name} "
+                                 "(zipasr export-onnx)")
+    logging.getLogger("zipasr.deploy").info(
+        "exported %s to %s: %s", args.model, report.out_dir, " ".join(report.files))
+    print(report.out_dir)
+    return 0

@@ -79,13 +79,28 @@ def rel_to_abs(pos_scores: Tensor, key_len: int) -> Tensor:
 
     out[..., i, j] = pos_scores[..., i, (T - 1) - i + j], i.e. relative offset
     (key position - query position).
+
+    While tracing (ONNX export) the same elements are picked with ``gather``: ONNX has no
+    ``as_strided``, and the traced strides would freeze the sequence length.
     """
+    if torch.jit.is_tracing():
+        return rel_to_abs_gather(pos_scores, key_len)
     pos_scores = pos_scores.contiguous()
     H, N, T, _ = pos_scores.shape
     s = pos_scores.stride()
     return pos_scores.as_strided(
         (H, N, T, key_len), (s[0], s[1], s[2] - s[3], s[3]), storage_offset=s[3] * (T - 1)
     )
+
+
+def rel_to_abs_gather(pos_scores: Tensor, key_len: int) -> Tensor:
+    """:func:`rel_to_abs` as an index gather: the same elements (bit-identical result), with
+    indices computed from the traced sizes, so an exported graph follows the length."""
+    H, N, T, _ = pos_scores.shape
+    rows = torch.arange(T, device=pos_scores.device).unsqueeze(1)
+    cols = torch.arange(key_len, device=pos_scores.device).unsqueeze(0)
+    index = (T - 1) - rows + cols  # (T, key_len)
+    return pos_scores.gather(-1, index.expand(H, N, T, key_len))
 
 
 class RelPositionMultiheadAttentionWeights(nn.Module):

@@ -1,0 +1,359 @@
+"""Export a trained transducer to ONNX for sherpa-onnx's offline (non-streaming) recognizer.
+
+Three graphs and a token table, laid out as sherpa-onnx's ``OfflineRecognizer.from_transducer``
+expects them (docs/deploy.md has the contract in full):
+
+* ``encoder.onnx``: ``x`` (N, T, 80) float32, ``x_lens`` (N,) int64 -> ``encoder_out``
+  (N, T', joiner_dim), ``encoder_out_lens`` (N,); the joiner's ``encoder_proj`` is folded in.
+* ``decoder.onnx``: ``y`` (N, context_size) int64 -> ``decoder_out`` (N, joiner_dim); the
+  joiner's ``decoder_proj`` is folded in; negative ids (the start context) embed to zeros.
+* ``joiner.onnx``: ``encoder_out``, ``decoder_out`` (N, joiner_dim) -> ``logit`` (N, vocab).
+* ``tokens.txt``: ``piece id`` per line, every id the joiner can emit.
+* optionally ``*.int8.onnx``: onnxruntime's dynamic int8 quantization of the three graphs.
+
+The wrappers compute exactly what :func:`zipasr.decode.search.search` computes from the
+PyTorch model (same modules, same weights); the gradient-shaping and dropout modules, which are
+identities at inference, are replaced by ``nn.Identity`` so nothing random or training-only can
+reach a traced graph. Graphs come from the TorchScript-based exporter (``dynamo=False``), which
+traces the eval forward with symbolic sizes; every export is checked against the PyTorch model
+on a ragged batch before it is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from zipasr.errors import ZipasrError
+from zipasr.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+# icefall's export-onnx.py uses opset 13, the version sherpa-onnx's models are built with.
+DEFAULT_OPSET = 13
+# 11 and 12 lack integer Clip (the decoder's clamp of the -1 context); 13..20 export and load
+OPSETS = range(13, 21)
+FP32_FILES = ("encoder.onnx", "decoder.onnx", "joiner.onnx")
+INT8_FILES = ("encoder.int8.onnx", "decoder.int8.onnx", "joiner.int8.onnx")
+TOKENS_FILE = "tokens.txt"
+# sherpa-onnx pads the features of a batch with log(1e-10) (as lhotse's LOG_EPSILON).
+PAD_VALUE = -23.025850929940457
+# the export's self-check: largest difference relative to the largest PyTorch value
+VERIFY_RTOL = 1e-4
+# Operators onnxruntime's dynamic quantization converts (icefall's choice): the encoder's
+# linear layers on 3-D tensors are MatMuls; the decoder's embedding is a Gather.
+QUANTIZE_OPS = {"encoder": ["MatMul"], "decoder": ["MatMul", "Gather"], "joiner": ["MatMul"]}
+
+
+# -- wrappers ------------------------------------------------------------------------------
+
+
+class OnnxEncoder(nn.Module):
+    """Conv-Embed + Zipformer2 + the joiner's encoder projection, batch-major in and out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, x_lens: Tensor) -> tuple[Tensor, Tensor]:
+        encoder_out, encoder_out_lens = self.model.forward_encoder(x, x_lens)
+        return self.model.joiner.encoder_proj(encoder_out), encoder_out_lens
+
+
+class OnnxDecoder(nn.Module):
+    """The stateless decoder on exactly ``context_size`` ids + the joiner's decoder projection:
+    (N, context_size) -> (N, joiner_dim), what the search computes per hypothesis."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.decoder = model.decoder
+        self.decoder_proj = model.joiner.decoder_proj
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.decoder_proj(self.decoder(y, need_pad=False).squeeze(1))
+
+
+class OnnxJoiner(nn.Module):
+    """The joiner on projected inputs: output_linear(tanh(encoder_out + decoder_out))."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.output_linear = model.joiner.output_linear
+
+    def forward(self, encoder_out: Tensor, decoder_out: Tensor) -> Tensor:
+        return self.output_linear(torch.tanh(encoder_out + decoder_out))
+
+
+def inference_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with the training-only modules replaced by ``nn.Identity``:
+    Balancer, Whiten, ScaleGrad and the dropouts are identities in an eval forward, so the
+    outputs are unchanged, and the copy cannot draw random numbers while being traced."""
+    from zipasr.model.scaling import Balancer, Dropout2, Dropout3, ScaleGrad, Whiten
+
+    training_only = (Balancer, Whiten, ScaleGrad, Dropout2, Dropout3, nn.Dropout)
+    model = copy.deepcopy(model).eval()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, training_only):
+                setattr(parent, name, nn.Identity())
+    return model.eval()
+
+
+def check_exportable(model: nn.Module) -> None:
+    config = model.config
+    if not config.use_transducer:
+        raise ZipasrError("the model has no transducer head (use_transducer: false): nothing "
+                          "for sherpa-onnx's transducer recognizer to run")
+    if config.causal:
+        raise ZipasrError("the model is causal (streaming); only the offline (non-streaming) "
+                          "export is implemented")
+    if config.blank_id != 0:
+        raise ZipasrError(f"sherpa-onnx hard-codes blank id 0; the model's is {config.blank_id}")
+
+
+# -- export --------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportReport:
+    """What one export wrote and how closely its fp32 graphs reproduce the PyTorch model
+    (largest absolute difference over the largest absolute PyTorch value, per graph)."""
+
+    out_dir: Path
+    files: list[str]
+    opset: int
+    rel_diff: dict[str, float] = field(default_factory=dict)
+
+
+def _dummy_features(n: int, frames: int, feature_dim: int) -> tuple[Tensor, Tensor]:
+    """A ragged batch: random features, the second utterance shorter and padded as sherpa
+    pads. A seeded generator keeps the global RNG untouched."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, frames, feature_dim, generator=g)
+    x_lens = torch.full((n,), frames, dtype=torch.int64)
+    for i in range(1, n):
+        x_lens[i] = frames - 13 * i
+        x[i, int(x_lens[i]):] = PAD_VALUE
+    return x, x_lens
+
+
+def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, opset: int,
+            input_names: list[str], output_names: list[str],
+            dynamic_axes: Mapping[str, Mapping[int, str]]) -> None:
+    # The TorchScript-based exporter: it traces the eval forward with symbolic sizes, so
+    # lengths computed from shapes stay dynamic. (The dynamo exporter needs onnxscript and
+    # guards on the Python-level shape arithmetic of the downsampling stacks.)
+    module.eval()  # the exporter restores the wrapper's mode, and that mode reaches the model
+    with torch.no_grad(), warnings.catch_warnings():
+        # shape asserts in the model are evaluated once at trace time, as intended
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*dynamo=False.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
+                          input_names=input_names, output_names=output_names,
+                          dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
+                          do_constant_folding=True)
+
+
+def add_metadata(path: Path, metadata: Mapping[str, str]) -> None:
+    """Set (or replace) string metadata entries of an ONNX file; sherpa-onnx reads them."""
+    import onnx
+
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update({k: str(v) for k, v in metadata.items()})
+    del model.metadata_props[:]
+    for k, v in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(model, str(path))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def ort_session(path: str | Path) -> Any:
+    """An onnxruntime CPU session on one thread (deterministic, and the machine is shared)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _rel_diff(got: Any, want: Tensor) -> float:
+    want_np = want.detach().numpy()
+    scale = max(float(abs(want_np).max()), 1e-30)
+    return float(abs(got - want_np).max()) / scale
+
+
+def _verify(out_dir: Path, encoder: OnnxEncoder, decoder: OnnxDecoder, joiner: OnnxJoiner,
+            feature_dim: int, vocab_size: int, context_size: int) -> dict[str, float]:
+    """Run the fp32 graphs in onnxruntime on inputs other than the traced ones (another
+    length and batch size, padding, the -1 start context) and compare with PyTorch."""
+    x, x_lens = _dummy_features(3, 171, feature_dim)
+    y = torch.randint(0, vocab_size, (5, context_size), generator=torch.Generator().manual_seed(1))
+    y[0, :-1] = -1  # the start context [-1, ..., blank]
+    y[0, -1] = 0
+    with torch.no_grad():
+        enc, enc_lens = encoder(x, x_lens)
+        dec = decoder(y)
+        logit = joiner(enc[:, 0], dec[:3])
+    got_enc, got_lens = ort_session(out_dir / "encoder.onnx").run(
+        None, {"x": x.numpy(), "x_lens": x_lens.numpy()})
+    if got_lens.tolist() != enc_lens.tolist() or got_enc.shape != tuple(enc.shape):
+        raise ZipasrError(f"exported encoder gives lengths {got_lens.tolist()} / shape "
+                          f"{got_enc.shape}, PyTorch {enc_lens.tolist()} / {tuple(enc.shape)}")
+    # valid frames only: padded frames are don't-care outputs
+    valid = torch.arange(enc.shape[1]).unsqueeze(0) < enc_lens.unsqueeze(1)
+    diffs = {"encoder": _rel_diff(got_enc[valid.numpy()], enc[valid])}
+    (got_dec,) = ort_session(out_dir / "decoder.onnx").run(None, {"y": y.numpy()})
+    diffs["decoder"] = _rel_diff(got_dec, dec)
+    (got_logit,) = ort_session(out_dir / "joiner.onnx").run(
+        None, {"encoder_out": enc[:, 0].numpy(), "decoder_out": dec[:3].numpy()})
+    diffs["joiner"] = _rel_diff(got_logit, logit)
+    bad = {k: v for k, v in diffs.items() if not v <= VERIFY_RTOL}
+    if bad:
+        raise ZipasrError(f"the exported graphs do not reproduce the PyTorch model: relative "
+                          f"difference {bad} > {VERIFY_RTOL}")
+    return diffs
+
+
+def quantize_int8(src: Path, dst: Path, op_types: list[str]) -> None:
+    """onnxruntime's dynamic quantization: int8 weights, activations quantized per batch at
+    run time; the metadata is carried over."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_root_logger():  # it logs a line per tensor through the root logger
+        quantize_dynamic(model_input=str(src), model_output=str(dst),
+                         op_types_to_quantize=op_types, weight_type=QuantType.QInt8)
+    add_metadata(dst, read_metadata(src))
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def write_tokens_table(out: Path, vocab_size: int, *, bpe_model: Path | None = None,
+                       tokens: Path | None = None) -> None:
+    """``tokens.txt`` from the BPE model (icefall's layout, zipasr.lang.bpe) or a copy of a
+    given table, checked to list exactly the ids 0..vocab_size-1 with ``<blk>`` as 0."""
+    from zipasr.lang.bpe import BLANK, read_tokens, write_tokens
+
+    if (bpe_model is None) == (tokens is None):
+        raise ZipasrError("give exactly one of a BPE model and a tokens.txt")
+    src = bpe_model if bpe_model is not None else tokens
+    if not Path(src).is_file():
+        raise ZipasrError(f"{src} does not exist")
+    if bpe_model is not None:
+        write_tokens(Path(bpe_model), out)
+    else:
+        shutil.copyfile(tokens, out)
+    try:
+        table = read_tokens(out)
+    except ValueError as e:
+        raise ZipasrError(f"{src}: not a 'symbol id' table ({e})") from e
+    ids = sorted(table.values())
+    if ids != list(range(vocab_size)):
+        raise ZipasrError(f"{src} has ids {ids[:3]}...{ids[-3:]} ({len(ids)} entries); the "
+                          f"model's joiner emits ids 0..{vocab_size - 1}, each must be listed")
+    if table.get(BLANK) != 0:
+        raise ZipasrError(f"{src}: id 0 must be {BLANK} (sherpa-onnx's blank)")
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    """The permissions ``mkdir`` would give (the temporary directory is private, 0700), so
+    the exported directory is as readable as any other output."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+
+
+def export_onnx(model: nn.Module, out_dir: str | Path, *, bpe_model: str | Path | None = None,
+                tokens: str | Path | None = None, int8: bool = True,
+                opset: int = DEFAULT_OPSET, comment: str = "") -> ExportReport:
+    """Export ``model`` (a :class:`~zipasr.model.Transducer`) into ``out_dir``.
+
+    The directory is built under a temporary name and renamed into place when complete, so an
+    interrupted export leaves no partial ``out_dir`` (a previous one stays until replaced).
+    """
+    check_exportable(model)
+    if opset not in OPSETS:
+        raise ZipasrError(f"opset {opset} is not supported: {OPSETS.start}..{OPSETS.stop - 1}")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise ZipasrError(f"the ONNX export needs onnx and onnxruntime ({e}): install the "
+                          "`deploy` extra, pip install -e '.[deploy]'") from e
+    config = model.config
+    out_dir = Path(out_dir)
+    model = inference_copy(model).to("cpu")
+    encoder, decoder, joiner = OnnxEncoder(model), OnnxDecoder(model), OnnxJoiner(model)
+    vocab_size, context_size = config.vocab_size, config.context_size
+    joiner_dim = model.joiner.output_linear.in_features
+    files: list[str] = []
+    with atomic_dir(out_dir) as tmp:
+        _chmod_like_mkdir(tmp)
+        write_tokens_table(tmp / TOKENS_FILE, vocab_size,
+                           bpe_model=None if bpe_model is None else Path(bpe_model),
+                           tokens=None if tokens is None else Path(tokens))
+        x, x_lens = _dummy_features(2, 100, config.feature_dim)
+        log.info("exporting the encoder (opset %d)", opset)
+        _export(encoder, (x, x_lens), tmp / "encoder.onnx", opset, ["x", "x_lens"],
+                ["encoder_out", "encoder_out_lens"],
+                {"x": {0: "N", 1: "T"}, "x_lens": {0: "N"}, "encoder_out": {0: "N", 1: "T_out"},
+                 "encoder_out_lens": {0: "N"}})
+        add_metadata(tmp / "encoder.onnx", {
+            "model_type": "zipformer2", "version": "1", "model_author": "zipasr",
+            "comment": comment or "non-streaming zipformer2 (zipasr export-onnx)",
+            "feature_dim": str(config.feature_dim), "joiner_dim": str(joiner_dim),
+        })
+        log.info("exporting the decoder and the joiner")
+        y = torch.zeros(3, context_size, dtype=torch.int64)
+        _export(decoder, (y,), tmp / "decoder.onnx", opset, ["y"], ["decoder_out"],
+                {"y": {0: "N"}, "decoder_out": {0: "N"}})
+        add_metadata(tmp / "decoder.onnx", {"vocab_size": str(vocab_size),
+                                            "context_size": str(context_size)})
+        e, d = torch.zeros(3, joiner_dim), torch.zeros(3, joiner_dim)
+        _export(joiner, (e, d), tmp / "joiner.onnx", opset, ["encoder_out", "decoder_out"],
+                ["logit"], {"encoder_out": {0: "N"}, "decoder_out": {0: "N"}, "logit": {0: "N"}})
+        add_metadata(tmp / "joiner.onnx", {"joiner_dim": str(joiner_dim)})
+        files += [TOKENS_FILE, *FP32_FILES]
+
+        diffs = _verify(tmp, encoder, decoder, joiner, config.feature_dim, vocab_size,
+                        context_size)
+        log.info("onnxruntime vs PyTorch, relative difference: %s",
+                 ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+        if int8:
+            log.info("quantizing to int8")
+            for name in ("encoder", "decoder", "joiner"):
+                quantize_int8(tmp / f"{name}.onnx", tmp / f"{name}.int8.onnx",
+                              QUANTIZE_OPS[name])
+            files += list(INT8_FILES)
+    for f in files:
+        log.info("wrote %s (%.1f MB)", out_dir / f, (out_dir / f).stat().st_size / 1e6)
+    return ExportReport(out_dir, files, opset, diffs)
