@@ -23,12 +23,12 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/python -c "import torch, lhotse, zipasr; print('zipasr venv ready: torch', torch.__version__)"
+	$(BIN)/python -m pip install --quiet -e '.[dev,deploy]'
+	$(BIN)/python -c "import torch, lhotse, sherpa_onnx, zipasr; print('zipasr venv ready: torch', torch.__version__)"
 	touch $@
 
 run: venv
