@@ -153,8 +153,9 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, opset: int,
             input_names: list[str], output_names: list[str],
             dynamic_axes: Mapping[str, Mapping[int, str]]) -> None:
     # The TorchScript-based exporter: it traces the eval forward with symbolic sizes, so
-    # lengths computed from shapes stay dynamic. (The dynamo exporter needs onnxscript and
-    # guards on the Python-level shape arithmetic of the downsampling stacks.)
+    # lengths computed from shapes stay dynamic. (The dynamo exporter, torch's default, needs
+    # onnxscript and stops at the forward's data-dependent checks such as
+    # int(x_lens.max()): docs/deploy.md.)
     module.eval()  # the exporter restores the wrapper's mode, and that mode reaches the model
     with torch.no_grad(), warnings.catch_warnings():
         # shape asserts in the model are evaluated once at trace time, as intended
