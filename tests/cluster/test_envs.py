@@ -21,8 +21,11 @@ OPTIONAL = {"k2"}
 
 
 def _pyproject() -> tuple[dict[str, Requirement], SpecifierSet]:
+    """The runtime requirements: the dependencies and the `deploy` extra (the DAG's export rule
+    runs onnx and onnxruntime)."""
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = {canonicalize_name(r.name): r for r in map(Requirement, data["dependencies"])}
+    runtime = data["dependencies"] + data["optional-dependencies"]["deploy"]
+    reqs = {canonicalize_name(r.name): r for r in map(Requirement, runtime)}
     return reqs, SpecifierSet(data["requires-python"])
 
 
