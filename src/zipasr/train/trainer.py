@@ -355,8 +355,8 @@ class Trainer:
             info["simple_loss"] = simple.item()
             info["pruned_loss"] = pruned.item()
         if ctc.numel():
-            scale = cfg.ctc_loss_scale if simple.numel() else 1.0
-            loss = loss + scale * ctc
+            # scaled even without a transducer, as icefall's compute_loss does
+            loss = loss + cfg.ctc_loss_scale * ctc
             info["ctc_loss"] = ctc.item()
         info["loss"] = loss.item()
         # icefall normalises by frames after 4x subsampling
