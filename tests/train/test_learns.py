@@ -156,22 +156,26 @@ def overfit(root: Path, seed: int) -> dict:
         assert info is not None, f"step {t.batch_idx_train} was skipped as a bad batch"
         infos.append(info)
     return {"texts": texts, "before": before, "after": decode(), "infos": infos,
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "model": t.model.eval(), "paths": paths,
+            "audio": sorted((root / "corpus" / "audio").glob("utt*.flac"))}
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Small tensors: a second thread did not pay on the 2-core machine this must run on in
-    under a minute (26.6 s with one, 29.1 s with two, other jobs running), and it leaves the
-    other core to them."""
+@pytest.fixture(scope="module")
+def overfitted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The run of seed 42 (the Trainer's default), shared by the tests below. One thread:
+    small tensors; a second thread did not pay on the 2-core machine this must run on in under
+    a minute (26.6 s with one, 29.1 s with two, other jobs running), and it leaves the other
+    core to them."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    try:
+        yield overfit(tmp_path_factory.mktemp("overfit"), seed=42)
+    finally:
+        torch.set_num_threads(old)
 
 
-def test_overfits_a_handful_of_utterances(tmp_path: Path, one_thread: None) -> None:
-    res = overfit(tmp_path, seed=42)  # the Trainer's default seed
+def test_overfits_a_handful_of_utterances(overfitted: dict) -> None:
+    res = overfitted
     infos = res["infos"]
 
     def ratio(key: str) -> float:  # first step over the mean of the last 10 (train mode)
@@ -187,3 +191,26 @@ def test_overfits_a_handful_of_utterances(tmp_path: Path, one_thread: None) -> N
         assert r >= 5.0, f"{key} fell only {r:.1f}x"
     assert res["before"] != res["texts"]  # not already right by accident
     assert res["after"] == res["texts"]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+def test_sherpa_onnx_transcribes_the_trained_model(overfitted: dict, tmp_path: Path) -> None:
+    """The trained model, exported by `zipasr export-onnx`'s code and decoded by sherpa-onnx
+    itself from the audio files (its own fbank): the training transcripts, with greedy and
+    modified beam search, in fp32 and int8. A model that has learned something is what tells
+    a wrong export (features, folded projections, blank, tokens.txt) from a right one."""
+    import soundfile as sf
+    from onnx_helpers import recognizer, sherpa_decode
+
+    from zipasr.deploy.onnx_export import export_onnx
+
+    res = overfitted
+    assert res["after"] == res["texts"]  # what the export must reproduce
+    out = tmp_path / "onnx"
+    export_onnx(res["model"], out, bpe_model=res["paths"]["bpe"])
+    waves = [sf.read(str(p), dtype="float32")[0] for p in res["audio"]]
+    for method in ("greedy_search", "modified_beam_search"):
+        for int8 in (False, True):
+            got = [r.text.strip() for r in sherpa_decode(recognizer(out, method, int8=int8),
+                                                          waves)]
+            assert got == res["texts"], (method, int8)
