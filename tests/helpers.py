@@ -108,3 +108,40 @@ def build_tiny_corpus(root: Path, num_train: int) -> dict[str, Path]:
     train_bpe(root / "text.txt", root / "lang", 24)
     out["bpe"] = root / "lang" / "bpe.model"
     return out
+
+
+def peaky_xs_model(features, vocab_size: int):
+    """An untrained xs Transducer (seed 0, eval mode) whose greedy and beam hypotheses are
+    non-empty and depend on the audio: a fresh model is nearly uniform and its encoder output is
+    dominated by a constant, so the joiner is made peaky and its encoder projection centred on
+    the mean encoder output of ``features`` (a list of (T, 80) float tensors)."""
+    import torch
+
+    from zipasr.model import Transducer
+
+    torch.manual_seed(0)
+    model = Transducer.from_preset("xs", vocab_size=vocab_size).eval()
+    with torch.no_grad():
+        model.joiner.output_linear.weight.normal_(0, 1.5)
+        model.joiner.output_linear.bias.zero_()
+        model.joiner.output_linear.bias[0] = 2.0
+        enc = torch.cat([model.forward_encoder(x[None], torch.tensor([x.shape[0]]))[0][0]
+                         for x in features])
+        proj = model.joiner.encoder_proj
+        proj.weight.mul_(3.0)
+        proj.bias.sub_(proj(enc.mean(0)))  # centre: encoder_proj(mean output) = 0
+    return model
+
+
+def copy_project(root: Path, files: list[str]) -> None:
+    """Copy these files and directories of the repository to ``root`` (a project checkout as a
+    test needs it, without __pycache__)."""
+    import shutil
+
+    for rel in files:
+        src, dst = ROOT / rel, root / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import peaky_xs_model
 
 from zipasr.decode.decode import set_name_from_path
 from zipasr.decode.decode_cli import register
@@ -56,7 +57,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     from zipasr.data.fbank import FbankOptions, compute_fbank
     from zipasr.lang.bpe import train_bpe
-    from zipasr.model import Transducer
 
     tmp = tmp_path_factory.mktemp("decode")
     rng = random.Random(0)
@@ -97,21 +97,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                               for _ in range(200)) + "\n")
     bpe = train_bpe(text, tmp / "lang_bpe_30", 30)
 
-    torch.manual_seed(0)
-    model = Transducer.from_preset("xs", vocab_size=30).eval()
-    with torch.no_grad():
-        # A fresh model is nearly uniform and its encoder output is dominated by a constant:
-        # make the joiner peaky and sensitive to how the encoder output changes over time,
-        # so hypotheses are non-empty and depend on the audio.
-        model.joiner.output_linear.weight.normal_(0, 1.5)
-        model.joiner.output_linear.bias.zero_()
-        model.joiner.output_linear.bias[0] = 2.0
-        enc = torch.cat([model.forward_encoder(x[None], torch.tensor([x.shape[0]]))[0][0]
-                         for x in (torch.from_numpy(c.load_features())
-                                   for c in CutSet.from_file(feats))])
-        proj = model.joiner.encoder_proj
-        proj.weight.mul_(3.0)
-        proj.bias.sub_(proj(enc.mean(0)))  # centre: encoder_proj(mean output) = 0
+    model = peaky_xs_model([torch.from_numpy(c.load_features())
+                            for c in CutSet.from_file(feats)], 30)
     sd = model.state_dict()
     exp = tmp / "exp"
     exp.mkdir()

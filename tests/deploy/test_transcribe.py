@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import BIN, tool_env
+from helpers import BIN, peaky_xs_model, tool_env
 
 from zipasr.cli import main
 from zipasr.decode.scoring import read_recogs
@@ -65,7 +65,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     from zipasr.data.fbank import FbankOptions, compute_fbank
     from zipasr.lang.bpe import train_bpe
-    from zipasr.model import Transducer
 
     tmp = tmp_path_factory.mktemp("transcribe")
     rng = random.Random(0)
@@ -98,20 +97,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
                               for _ in range(200)) + "\n")
     bpe = train_bpe(text, tmp / "lang_bpe_30", VOCAB)
 
-    torch.manual_seed(0)
-    model = Transducer.from_preset("xs", vocab_size=VOCAB).eval()
-    with torch.no_grad():
-        # A fresh model is nearly uniform and its encoder output is dominated by a constant:
-        # a peaky joiner, centred on the mean encoder output, emits audio-dependent tokens.
-        model.joiner.output_linear.weight.normal_(0, 1.5)
-        model.joiner.output_linear.bias.zero_()
-        model.joiner.output_linear.bias[0] = 2.0
-        enc = torch.cat([model.forward_encoder(x[None], torch.tensor([x.shape[0]]))[0][0]
-                         for x in (torch.from_numpy(c.load_features())
-                                   for c in CutSet.from_file(stored))])
-        proj = model.joiner.encoder_proj
-        proj.weight.mul_(3.0)
-        proj.bias.sub_(proj(enc.mean(0)))
+    model = peaky_xs_model([torch.from_numpy(c.load_features())
+                            for c in CutSet.from_file(stored)], VOCAB)
     sd = model.state_dict()
     ckpt = tmp / "epoch-1.pt"
     torch.save({"model": sd, "model_config": model.config.to_dict()}, ckpt)

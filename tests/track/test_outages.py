@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, tool_env
+from helpers import copy_project, tool_env
 from track_helpers import (
     BIN,
     PROJECT_FILES,
@@ -272,13 +271,7 @@ def test_dvc_remote_gone_run_succeeds_and_says_what_to_push(tmp_path: Path) -> N
     away (a dangling symlink: unusable even for root). A workflow run succeeds, its outputs are
     in dvc.lock and the local cache, and the warning's command pushes them once it is back."""
     root = tmp_path / "origin"
-    for rel in PROJECT_FILES:
-        src, dst = ROOT / rel, root / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
+    copy_project(root, PROJECT_FILES)
     (root / "exp" / "earlier").mkdir(parents=True)  # the exp stage's out must exist
     (root / "exp" / "earlier" / "wer.tsv").write_text("test\t12.5\n")
     cfg = {"corpus": {"synth": {"num_train": 2, "num_dev": 1, "num_test": 1, "num_jobs": 1}},

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import ROOT, build_tiny_corpus, snakemake, tool_env
+from helpers import ROOT, build_tiny_corpus, copy_project, snakemake, tool_env
 
 BIN = Path(sys.executable).parent
 # What the scratch project holds: the workflow and the DVC setup, as committed in the project.
@@ -100,13 +99,7 @@ def tracked_project(tmp_path_factory) -> Iterator[dict[str, Any]]:
     (started before the run: it needs 20-100 s to answer) at ``ui_url``."""
     root = tmp_path_factory.mktemp("tracked") / "origin"
     root.mkdir()
-    for rel in PROJECT_FILES:
-        src, dst = ROOT / rel, root / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
+    copy_project(root, PROJECT_FILES)
     cfg = tracking_config()
     (root / "tracking-test.yaml").write_text(yaml.safe_dump(cfg))
     git(root, "init", "-q")

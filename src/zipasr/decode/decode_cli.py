@@ -6,6 +6,21 @@ import argparse
 from pathlib import Path
 
 
+def add_model_arguments(p: argparse.ArgumentParser,
+                        vocab_default: str = "the BPE model's") -> None:
+    """``--model`` and what a file without its own model_config needs (what
+    ``decode.load_model`` takes); shared by decode, transcribe and export-onnx."""
+    p.add_argument("--model", type=Path, required=True,
+                   help="training checkpoint (epoch-N.pt), averaged model (zipasr average), "
+                        "or icefall pretrained.pt (with --preset/--model-config)")
+    p.add_argument("--model-config", default=None,
+                   help="for files without model_config: JSON object, JSON/YAML file, or preset")
+    p.add_argument("--preset", default=None,
+                   help="model preset (S, M, L, demo, xs) for files without model_config")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help=f"vocab size for --preset (default: {vocab_default})")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("average", help="average checkpoints of a training run into one model")
     p.add_argument("--exp-dir", type=Path, required=True)
@@ -20,14 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_average)
 
     p = sub.add_parser("decode", help="decode cut manifests and write WER result files")
-    p.add_argument("--model", type=Path, required=True,
-                   help="training checkpoint, averaged model, or icefall pretrained.pt")
-    p.add_argument("--model-config", default=None,
-                   help="for files without model_config: JSON object, JSON/YAML file, or preset")
-    p.add_argument("--preset", default=None, help="model preset (S, M, L, demo, xs) for files "
-                                                  "without model_config")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="vocab size for --preset (default: the BPE model's)")
+    add_model_arguments(p)
     p.add_argument("--bpe-model", type=Path, required=True)
     p.add_argument("--cuts", type=Path, nargs="+", action="extend", required=True,
                    help="lhotse cut manifests (features precomputed or computed on the fly)")

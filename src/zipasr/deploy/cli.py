@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from zipasr.decode.decode_cli import add_model_arguments
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     _register_transcribe(sub)
@@ -46,15 +48,7 @@ def _register_transcribe(sub: argparse._SubParsersAction) -> None:
         description="Transcribe audio files with a trained Zipformer transducer.",
         epilog=_TRANSCRIBE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files")
-    p.add_argument("--model", type=Path, required=True,
-                   help="training checkpoint (epoch-N.pt), averaged model (zipasr average), "
-                        "or icefall pretrained.pt (with --preset/--model-config)")
-    p.add_argument("--model-config", default=None,
-                   help="for files without model_config: JSON object, JSON/YAML file, or preset")
-    p.add_argument("--preset", default=None,
-                   help="model preset (S, M, L, demo, xs) for files without model_config")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="vocab size for --preset (default: the BPE model's)")
+    add_model_arguments(p)
     p.add_argument("--bpe-model", type=Path, required=True,
                    help="the sentencepiece model the model was trained with (lang_bpe_N/bpe.model)")
     p.add_argument("--method", default="greedy_search",
@@ -132,15 +126,7 @@ def _register_export_onnx(sub: argparse._SubParsersAction) -> None:
         description="Export a Zipformer transducer to ONNX (encoder, decoder, joiner, tokens) "
                     "for sherpa-onnx's offline recognizer.",
         epilog=_EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, required=True,
-                   help="training checkpoint (epoch-N.pt), averaged model (zipasr average), "
-                        "or icefall pretrained.pt (with --preset/--model-config)")
-    p.add_argument("--model-config", default=None,
-                   help="for files without model_config: JSON object, JSON/YAML file, or preset")
-    p.add_argument("--preset", default=None,
-                   help="model preset (S, M, L, demo, xs) for files without model_config")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="vocab size for --preset (default: the BPE model's or tokens.txt's)")
+    add_model_arguments(p, vocab_default="the BPE model's or tokens.txt's")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--bpe-model", type=Path,
                      help="the sentencepiece model the model was trained with (tokens.txt is "
