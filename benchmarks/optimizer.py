@@ -1,10 +1,10 @@
 """Optimizer benchmark: ScaledAdam vs torch Adam/AdamW on Zipformer-M, plus a toy convergence race.
 
 Part 1 times one optimizer step over the parameters of Zipformer-M (65.5 M parameters, 743
-tensors; from ``zipasr.model`` if it builds, else from the shapes of spec section 8), for
-ScaledAdam (clipping active) and torch.optim.Adam / AdamW in their for-loop, foreach and fused
-CPU implementations. Steps are interleaved round-robin so that load from other processes on a
-shared machine hits all optimizers alike; the median is reported.
+tensors; from ``zipasr.model`` if it builds, else from icefall's Zipformer-M parameter shapes
+listed here), for ScaledAdam (clipping active) and torch.optim.Adam / AdamW in their for-loop,
+foreach and fused CPU implementations. Steps are interleaved round-robin so that load from
+other processes on a shared machine hits all optimizers alike; the median is reported.
 
 Part 2 trains a small conv + transformer frame classifier on a fixed synthetic task (labels from
 a frozen random conv teacher) with ScaledAdam + Eden and with Adam + the Conformer (Noam)
@@ -32,7 +32,7 @@ from zipasr.optim import Eden, ScaledAdam
 
 
 def zipformer_m_shapes(vocab_size: int = 500) -> list[tuple[str, tuple[int, ...]]]:
-    """Parameter names and shapes of icefall's Zipformer-M transducer (spec section 8)."""
+    """Parameter names and shapes of icefall's Zipformer-M transducer (its state dict)."""
     out: list[tuple[str, tuple[int, ...]]] = []
     e = "encoder_embed."
     for name, shape in [
@@ -124,7 +124,7 @@ def zipformer_m_params() -> tuple[list[tuple[str, nn.Parameter]], str]:
         params = [
             (n, nn.Parameter(torch.randn(s, generator=g) * 0.05)) for n, s in zipformer_m_shapes()
         ]
-        return params, f"spec section 8 shapes (model unavailable: {type(exc).__name__})"
+        return params, f"icefall shape list (model unavailable: {type(exc).__name__})"
 
 
 def time_step_benchmark(reps: int, warmup: int) -> list[tuple[str, float, float]]:
@@ -133,7 +133,7 @@ def time_step_benchmark(reps: int, warmup: int) -> list[tuple[str, float, float]
     n_params = sum(p.numel() for _, p in named)
     print(f"parameters: {source}: {len(named)} tensors, {n_params:,} elements")
     spec_count = sum(math.prod(s) for _, s in zipformer_m_shapes())
-    print(f"spec section 8 shape list: {spec_count:,} elements")
+    print(f"icefall shape list: {spec_count:,} elements")
 
     g = torch.Generator().manual_seed(1)
     grads = [torch.randn(p.shape, generator=g) * 1e-3 for _, p in named]

@@ -324,8 +324,8 @@ def test_decoder_and_joiner_formulas():
 
 
 def test_layer_drop_schedule_per_stack():
-    """Spec 2.9: layer l of stack i goes 0.5 -> 0.035 sqrt(ds_i) over its slice of
-    [4000 (i+1)/7, 4000 (i+2)/7]."""
+    """icefall's layer-skip schedule: layer l of stack i goes 0.5 -> 0.035 sqrt(ds_i) over its
+    slice of [4000 (i+1)/7, 4000 (i+2)/7]."""
     from zipasr.model import Transducer
 
     m = Transducer.from_preset("xs", vocab_size=40).train()

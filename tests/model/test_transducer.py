@@ -44,7 +44,7 @@ def test_component_counts_match_icefall():
 
 
 def test_state_dict_layout_m():
-    """Spec section 8: names and shapes of icefall's AsrModel (M, non-causal)."""
+    """Names and shapes of icefall's AsrModel (M, non-causal)."""
     m = build_meta("M", vocab_size=500)
     sd = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert len(list(m.buffers())) == 0 and len(sd) == len(list(m.parameters()))

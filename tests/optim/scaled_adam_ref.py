@@ -1,7 +1,8 @@
 """Independent float64 re-derivation of ScaledAdam for the tests.
 
-Written from the algorithm description (spec section 4.3/4.4), one parameter at a time with
-plain loops and float64 tensors: no stacking, no shared code with ``zipasr.optim``.
+Written from the algorithm description (the ScaledAdam step: the parameter-scale update, then
+an Adam-like update scaled by the parameter's rms), one parameter at a time with plain loops
+and float64 tensors: no stacking, no shared code with ``zipasr.optim``.
 """
 
 from __future__ import annotations

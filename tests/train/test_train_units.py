@@ -1,5 +1,6 @@
-"""Units of the loop against their formulas: loss warm-up weights (spec 5.4) and the running
-average (spec 6.4: the uniform mean of the snapshots taken every average_period batches)."""
+"""Units of the loop against their formulas: loss warm-up weights and the running
+average (icefall's model_avg: the uniform mean of the snapshots taken every average_period
+batches)."""
 
 from __future__ import annotations
 

@@ -98,8 +98,9 @@ def _avg_batch_idx(ckpt: dict[str, Any], path: Path, average_period: int | None)
     if "batch_idx_train" not in ckpt:
         raise ZipasrError(f"{path} has no batch_idx_train: cannot use the averaged model")
     b = int(ckpt["batch_idx_train"])
-    # model_avg was last updated at the last multiple of average_period (spec 7.1): use that
-    # index, so the result is exactly the uniform average of the snapshots in the range.
+    # model_avg was last updated at the last multiple of average_period (as icefall's
+    # average_checkpoints_with_averaged_model assumes): use that index, so the result is exactly
+    # the uniform average of the snapshots in the range.
     return b - b % average_period if average_period else b
 
 

@@ -1,4 +1,4 @@
-"""TrainConfig: every training option, defaults as icefall's zipformer/train.py (spec 6.7)."""
+"""TrainConfig: every training option, defaults as icefall's zipformer/train.py."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class TrainConfig:
     noise_cuts: str | None = None  # a cut manifest of noise (e.g. MUSAN) to mix in, or None
     noise_snr: tuple[float, float] = (10.0, 20.0)
     noise_prob: float = 0.5
-    # loss (spec 5.3-5.5)
+    # loss: pruned RNN-T (simple + pruned, warm-up weighting) and CTC, as icefall's compute_loss
     prune_range: int = 5
     lm_scale: float = 0.25
     am_scale: float = 0.0

@@ -137,7 +137,7 @@ def make_train_loader(cuts, cfg, *, world_size: int = 1, rank: int = 0,
                                      preserve_id=True, seed=cfg.seed))
     input_transforms = []
     if cfg.spec_augment:
-        # icefall's settings (spec 6.1)
+        # icefall's settings (asr_datamodule.py)
         input_transforms.append(SpecAugment(time_warp_factor=cfg.time_warp_factor,
                                             num_frame_masks=10, features_mask_size=27,
                                             num_feature_masks=2, frames_mask_size=100))

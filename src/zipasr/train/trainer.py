@@ -1,7 +1,7 @@
-"""The training loop: icefall's train.py semantics (spec 5.3-6.5), resumable bit for bit.
+"""The training loop: icefall's train.py semantics, resumable bit for bit.
 
 One ``Trainer.run()`` trains (or resumes) an experiment directory to ``num_epochs``:
-pruned RNN-T loss with the warm-up weighting of spec 5.4, ScaledAdam + Eden, the ref_duration
+pruned RNN-T loss with icefall's warm-up weighting, ScaledAdam + Eden, the ref_duration
 batch-count adjustment for the model's schedules, autocast (bf16 anywhere, fp16 with a
 GradScaler on CUDA), a float64 running-average model, atomic checkpoints every N batches and
 every epoch, validation each epoch, and bad-batch guards.
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 def loss_scales(batch_idx_train: int, warm_step: int, simple_loss_scale: float
                 ) -> tuple[float, float]:
-    """(simple, pruned) weights of spec 5.4: simple 1 -> s and pruned 0.1 -> 1 over warm_step."""
+    """(simple, pruned) loss weights as icefall's: simple 1 -> s, pruned 0.1 -> 1 over warm_step."""
     if batch_idx_train >= warm_step:
         return simple_loss_scale, 1.0
     frac = batch_idx_train / warm_step
@@ -195,7 +195,7 @@ class Trainer:
                               warmup_batches=cfg.warmup_batches, warmup_start=cfg.warmup_start)
         self.scaler = torch.amp.GradScaler("cuda", init_scale=1.0,
                                            enabled=cfg.precision == "fp16")
-        # float64 running average of the weights (spec 6.4), kept in float64 throughout
+        # float64 running average of the weights (icefall's model_avg), kept in float64 throughout
         self.model_avg = {k: v.detach().to(torch.float64).clone() if v.is_floating_point()
                           else v.detach().clone() for k, v in self.model.state_dict().items()}
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
@@ -376,7 +376,7 @@ class Trainer:
                     avg.copy_(v)
 
     def _fp16_scale_rules(self) -> None:
-        """icefall's manual GradScaler growth and collapse guards (spec 6.3, HEAD)."""
+        """icefall's manual GradScaler growth and collapse guards (its train.py at HEAD)."""
         b = self.batch_idx_train
         cur = self.scaler.get_scale()
         if (cur < 2.0 and b % 25 == 0) or (cur < 8.0 and b % 100 == 0) or (
