@@ -145,3 +145,33 @@ def copy_project(root: Path, files: list[str]) -> None:
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dst)
+
+
+def write_manifests(audio: list[Path], texts: list[str], root: Path) -> tuple[Path, Path]:
+    """Recording and supervision manifests (``root/recs.jsonl.gz``, ``root/sups.jsonl.gz``) of
+    whole files, one supervision each, ids ``utt{i}``; returns their paths."""
+    from lhotse import Recording, RecordingSet, SupervisionSegment, SupervisionSet
+
+    recs = [Recording.from_file(p, recording_id=f"utt{i}") for i, p in enumerate(audio)]
+    sups = [SupervisionSegment(id=r.id, recording_id=r.id, start=0.0, duration=r.duration,
+                               text=t) for r, t in zip(recs, texts, strict=True)]
+    r, s = root / "recs.jsonl.gz", root / "sups.jsonl.gz"
+    RecordingSet.from_recordings(recs).to_file(r)
+    SupervisionSet.from_segments(sups).to_file(s)
+    return r, s
+
+
+def babble(seconds: float, seed: int, sr: int = 16000) -> np.ndarray:
+    """Non-stationary test audio (150 ms harmonic segments of random pitch and loudness), so
+    the encoder output, and with it a hypothesis, changes over time (a steady tone gives
+    constant features)."""
+    rng = np.random.default_rng(seed)
+    n, seg = int(seconds * sr), int(0.15 * sr)
+    parts = []
+    for start in range(0, n, seg):
+        t = np.arange(min(seg, n - start)) / sr
+        f0 = 80 + 220 * rng.random()
+        x = sum(np.sin(2 * np.pi * f0 * k * t) * rng.random() / k for k in range(1, 8))
+        parts.append(x * rng.random() + 0.02 * rng.standard_normal(t.size))
+    x = np.concatenate(parts)
+    return (0.3 * x / np.abs(x).max()).astype(np.float32)

@@ -10,10 +10,9 @@ import random
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from helpers import peaky_xs_model
+from helpers import babble, peaky_xs_model, write_manifests
 
 from zipasr.decode.decode import set_name_from_path
 from zipasr.decode.decode_cli import register
@@ -27,21 +26,10 @@ N_CUTS = 6
 
 
 def _write_babble(path: Path, seconds: float, seed: int, sr: int = 16000) -> None:
-    """Non-stationary test audio: 150 ms harmonic segments of random pitch and loudness, so
-    the encoder output changes over time (a steady tone gives constant features)."""
     import soundfile as sf
 
-    rng = np.random.default_rng(seed)
-    n, seg = int(seconds * sr), int(0.15 * sr)
-    parts = []
-    for start in range(0, n, seg):
-        t = np.arange(min(seg, n - start)) / sr
-        f0 = 80 + 220 * rng.random()
-        x = sum(np.sin(2 * np.pi * f0 * k * t) * rng.random() / k for k in range(1, 8))
-        parts.append(x * rng.random() + 0.02 * rng.standard_normal(t.size))
-    x = np.concatenate(parts)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), (0.3 * x / np.abs(x).max()).astype(np.float32), sr, subtype="PCM_16")
+    sf.write(str(path), babble(seconds, seed, sr), sr, subtype="PCM_16")
 
 
 def _cli(*argv: str) -> int:
@@ -53,25 +41,19 @@ def _cli(*argv: str) -> int:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
+    from lhotse import CutSet, RecordingSet, SupervisionSet
 
     from zipasr.data.fbank import FbankOptions, compute_fbank
     from zipasr.lang.bpe import train_bpe
 
     tmp = tmp_path_factory.mktemp("decode")
     rng = random.Random(0)
-    recs, sups = [], []
-    for i in range(N_CUTS):
-        path = tmp / "audio" / f"utt{i}.flac"
+    audio = [tmp / "audio" / f"utt{i}.flac" for i in range(N_CUTS)]
+    for i, path in enumerate(audio):
         _write_babble(path, 0.8 + 0.3 * i, seed=i)  # ragged lengths
-        rec = Recording.from_file(path, recording_id=f"utt{i}")
-        recs.append(rec)
-        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
-        sups.append(SupervisionSegment(id=f"utt{i}", recording_id=f"utt{i}", start=0.0,
-                                       duration=rec.duration, text=text))
-    r, s = tmp / "recs.jsonl.gz", tmp / "sups.jsonl.gz"
-    RecordingSet.from_recordings(recs).to_file(r)
-    SupervisionSet.from_segments(sups).to_file(s)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
+             for _ in range(N_CUTS)]
+    r, s = write_manifests(audio, texts, tmp)
     feats = tmp / "fbank" / "synth_cuts_test.jsonl.gz"
     compute_fbank(r, s, feats, tmp / "fbank" / "synth_feats_test", FbankOptions(),
                   progress=False)

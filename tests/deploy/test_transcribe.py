@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import BIN, peaky_xs_model, tool_env
+from helpers import BIN, babble, peaky_xs_model, tool_env, write_manifests
 
 from zipasr.cli import main
 from zipasr.decode.scoring import read_recogs
@@ -34,21 +34,6 @@ N_FILES = 4
 VOCAB = 30
 
 
-def _babble(seconds: float, seed: int, sr: int = 16000) -> np.ndarray:
-    """Non-stationary test audio (150 ms harmonic segments of random pitch and loudness), so
-    the encoder output, and with it the hypothesis, changes over time."""
-    rng = np.random.default_rng(seed)
-    n, seg = int(seconds * sr), int(0.15 * sr)
-    parts = []
-    for start in range(0, n, seg):
-        t = np.arange(min(seg, n - start)) / sr
-        f0 = 80 + 220 * rng.random()
-        x = sum(np.sin(2 * np.pi * f0 * k * t) * rng.random() / k for k in range(1, 8))
-        parts.append(x * rng.random() + 0.02 * rng.standard_normal(t.size))
-    x = np.concatenate(parts)
-    return (0.3 * x / np.abs(x).max()).astype(np.float32)
-
-
 def _smooth(sr: int, seconds: float = 1.5) -> np.ndarray:
     """A signal band-limited to < 1.6 kHz given in closed form, so it can be sampled at any
     rate: 7 harmonics of a gliding 90-210 Hz fundamental with slowly varying amplitudes."""
@@ -61,27 +46,22 @@ def _smooth(sr: int, seconds: float = 1.5) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
+    from lhotse import CutSet, RecordingSet, SupervisionSet
 
     from zipasr.data.fbank import FbankOptions, compute_fbank
     from zipasr.lang.bpe import train_bpe
 
     tmp = tmp_path_factory.mktemp("transcribe")
     rng = random.Random(0)
-    audio, recs, sups = [], [], []
+    audio = []
     for i in range(N_FILES):
         path = tmp / "audio" / f"utt{i}.wav"
         path.parent.mkdir(exist_ok=True)
-        sf.write(str(path), _babble(0.9 + 0.35 * i, seed=i), 16000, subtype="PCM_16")
+        sf.write(str(path), babble(0.9 + 0.35 * i, seed=i), 16000, subtype="PCM_16")
         audio.append(path)
-        rec = Recording.from_file(path, recording_id=f"utt{i}")
-        recs.append(rec)
-        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
-        sups.append(SupervisionSegment(id=f"utt{i}", recording_id=f"utt{i}", start=0.0,
-                                       duration=rec.duration, text=text))
-    r, s = tmp / "recs.jsonl.gz", tmp / "sups.jsonl.gz"
-    RecordingSet.from_recordings(recs).to_file(r)
-    SupervisionSet.from_segments(sups).to_file(s)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
+             for _ in range(N_FILES)]
+    r, s = write_manifests(audio, texts, tmp)
     # what `zipasr fbank` stores (lilcom) ...
     stored = tmp / "fbank" / "x_cuts_test.jsonl.gz"
     compute_fbank(r, s, stored, tmp / "fbank" / "x_feats_test", FbankOptions(), progress=False)
@@ -300,7 +280,7 @@ def test_bad_files_are_named_and_skipped(setup: dict, tmp_path: Path) -> None:
 def test_too_short_file_gets_empty_transcript(setup: dict, capsys: pytest.CaptureFixture,
                                               tmp_path: Path) -> None:
     short = tmp_path / "short.wav"
-    sf.write(str(short), _babble(0.06, seed=9), 16000)  # 6 frames: no encoder output frame
+    sf.write(str(short), babble(0.06, seed=9), 16000)  # 6 frames: no encoder output frame
     rc, out, err = _run(setup, capsys, short, setup["audio"][0])
     assert rc == 0
     assert _lines(out)[0] == (str(short), "")
