@@ -16,6 +16,7 @@ import torch
 from helpers import BIN, babble, peaky_xs_model, tool_env, write_manifests
 
 from zipasr.cli import main
+from zipasr.data.fbank import fbank_extractor
 from zipasr.decode.scoring import read_recogs
 from zipasr.deploy.transcribe import (
     Item,
@@ -24,7 +25,6 @@ from zipasr.deploy.transcribe import (
     compute_features,
     load_audio,
     load_transcriber,
-    make_extractor,
 )
 
 torch.set_num_threads(1)
@@ -128,7 +128,7 @@ def test_features_are_the_training_features(setup: dict) -> None:
     # the call zipasr fbank's worker makes, spelled out here independently of transcribe.py
     reference = Fbank(FbankConfig(num_mel_bins=o.num_mel_bins, frame_shift=o.frame_shift,
                                   dither=o.dither))
-    ex = make_extractor(80)
+    ex = fbank_extractor(80)
     stored = {c.recording_id: c for c in CutSet.from_file(setup["stored"])}
     for cut in CutSet.from_file(setup["raw"]):
         path = cut.recording.sources[0].source
@@ -157,7 +157,7 @@ def test_resampled_stereo_and_mp3(tmp_path: Path) -> None:
     interior = slice(400, -400)  # 25 ms from each end
     amp = float(np.abs(ref).max())
     assert float(np.abs(ref[0, interior] - got[0, interior]).max()) < 3e-3 * amp
-    ex = make_extractor(80)
+    ex = fbank_extractor(80)
     f_ref, f_got = compute_features(ex, ref), compute_features(ex, got)
     assert f_ref.shape == f_got.shape == (150, 80)
     # bins with energy (within e^10 of the loudest), away from the 3 edge frames on each side

@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from zipasr.data.checks import check_manifests, report_problems
 from zipasr.errors import ZipasrError
@@ -35,6 +36,16 @@ class FbankOptions:
     num_jobs: int = 1
     shards_per_job: int = 4  # more shards than workers: a smooth progress bar, balanced load
     strict: bool = False
+
+
+def fbank_extractor(num_mel_bins: int = FbankOptions.num_mel_bins,
+                    frame_shift: float = FbankOptions.frame_shift,
+                    dither: float = FbankOptions.dither) -> Any:
+    """lhotse's ``Fbank`` with these options: the one place the features' extractor is built
+    (the data stage, on-the-fly decoding and ``zipasr transcribe`` all take it from here)."""
+    from lhotse import Fbank, FbankConfig
+
+    return Fbank(FbankConfig(num_mel_bins=num_mel_bins, frame_shift=frame_shift, dither=dither))
 
 
 def make_cuts(recordings_path: Path, supervisions_path: Path, *, speed_perturb: list[float],
@@ -64,13 +75,11 @@ def make_cuts(recordings_path: Path, supervisions_path: Path, *, speed_perturb: 
 def _extract_shard(cut_dicts: list[dict], storage_file: str, opts: dict) -> tuple[list, list]:
     """Worker: compute and store features for one shard; return (cut dicts, problems)."""
     import torch
-    from lhotse import Fbank, FbankConfig
     from lhotse.features.io import LilcomChunkyWriter
     from lhotse.serialization import deserialize_item
 
     torch.set_num_threads(1)  # one worker per core; intra-op threads would oversubscribe
-    extractor = Fbank(FbankConfig(num_mel_bins=opts["num_mel_bins"],
-                                  frame_shift=opts["frame_shift"], dither=opts["dither"]))
+    extractor = fbank_extractor(**opts)
     done, problems = [], []
     with LilcomChunkyWriter(storage_file) as writer:
         for d in cut_dicts:

@@ -132,9 +132,9 @@ class FeatureLoader:
         if not cut.has_recording:
             raise ZipasrError(f"cut {cut.id} has neither features nor audio")
         if self._extractor is None:
-            from lhotse import Fbank, FbankConfig
+            from zipasr.data.fbank import fbank_extractor
 
-            self._extractor = Fbank(FbankConfig(num_mel_bins=80, frame_shift=0.01, dither=0.0))
+            self._extractor = fbank_extractor()
         if cut.sampling_rate != SAMPLING_RATE:
             cut = cut.resample(SAMPLING_RATE)
         return torch.from_numpy(cut.compute_features(self._extractor))

@@ -21,6 +21,16 @@ def add_model_arguments(p: argparse.ArgumentParser,
                    help=f"vocab size for --preset (default: {vocab_default})")
 
 
+def model_config_of(args: argparse.Namespace) -> dict | None:
+    """The model configuration ``add_model_arguments``' options give, for ``load_model``."""
+    from zipasr.decode.decode import parse_model_config
+
+    cfg = parse_model_config(args.model_config)
+    if args.preset is not None:
+        cfg = {**(cfg or {}), "preset": args.preset}
+    return cfg
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("average", help="average checkpoints of a training run into one model")
     p.add_argument("--exp-dir", type=Path, required=True)
@@ -88,7 +98,7 @@ def _decode(args: argparse.Namespace) -> int:
     import sentencepiece as spm
     import torch
 
-    from zipasr.decode.decode import decode_and_score, load_model, parse_model_config
+    from zipasr.decode.decode import decode_and_score, load_model
     from zipasr.errors import ZipasrError
 
     log = logging.getLogger("zipasr.decode")
@@ -98,9 +108,7 @@ def _decode(args: argparse.Namespace) -> int:
     if not args.bpe_model.is_file():
         raise ZipasrError(f"BPE model {args.bpe_model} does not exist")
     sp = spm.SentencePieceProcessor(model_file=str(args.bpe_model))
-    cfg = parse_model_config(args.model_config)
-    if args.preset is not None:
-        cfg = {**(cfg or {}), "preset": args.preset}
+    cfg = model_config_of(args)
     vocab = args.vocab_size or sp.get_piece_size()
     model = load_model(args.model, cfg, vocab_size=vocab, device=device)
     if model.config.vocab_size != sp.get_piece_size():

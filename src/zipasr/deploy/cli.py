@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from zipasr.decode.decode_cli import add_model_arguments
+from zipasr.decode.decode_cli import add_model_arguments, model_config_of
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,7 +71,6 @@ def _transcribe(args: argparse.Namespace) -> int:
 
     import torch
 
-    from zipasr.decode.decode import parse_model_config
     from zipasr.deploy.transcribe import (
         Transcript,
         format_json,
@@ -85,10 +84,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     if args.beam < 1:
         raise ZipasrError(f"--beam must be >= 1, not {args.beam}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = parse_model_config(args.model_config)
-    if args.preset is not None:
-        cfg = {**(cfg or {}), "preset": args.preset}
-    transcriber = load_transcriber(args.model, args.bpe_model, model_config=cfg,
+    transcriber = load_transcriber(args.model, args.bpe_model, model_config=model_config_of(args),
                                    vocab_size=args.vocab_size, method=args.method,
                                    beam=args.beam, device=device)
 
@@ -142,7 +138,7 @@ def _register_export_onnx(sub: argparse._SubParsersAction) -> None:
 def _export_onnx(args: argparse.Namespace) -> int:
     import logging
 
-    from zipasr.decode.decode import load_model, parse_model_config
+    from zipasr.decode.decode import load_model
     from zipasr.deploy.onnx_export import export_onnx
     from zipasr.errors import ZipasrError
     from zipasr.lang.bpe import read_tokens
@@ -157,10 +153,8 @@ def _export_onnx(args: argparse.Namespace) -> int:
         if not args.tokens.is_file():
             raise ZipasrError(f"tokens file {args.tokens} does not exist")
         num_tokens = len(read_tokens(args.tokens))
-    cfg = parse_model_config(args.model_config)
-    if args.preset is not None:
-        cfg = {**(cfg or {}), "preset": args.preset}
-    model = load_model(args.model, cfg, vocab_size=args.vocab_size or num_tokens)
+    model = load_model(args.model, model_config_of(args),
+                       vocab_size=args.vocab_size or num_tokens)
     if model.config.vocab_size != num_tokens:
         raise ZipasrError(f"model vocab size {model.config.vocab_size} != "
                           f"{num_tokens} tokens in {args.bpe_model or args.tokens}")

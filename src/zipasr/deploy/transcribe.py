@@ -89,17 +89,6 @@ def _codec_reason(e: Exception) -> str:
     return lines[0].strip() if lines else type(e).__name__
 
 
-def make_extractor(num_mel_bins: int = 80) -> Any:
-    """lhotse's ``Fbank`` configured as the data stage configures it (``FbankOptions``)."""
-    from lhotse import Fbank, FbankConfig
-
-    from zipasr.data.fbank import FbankOptions
-
-    opts = FbankOptions(num_mel_bins=num_mel_bins)
-    return Fbank(FbankConfig(num_mel_bins=opts.num_mel_bins, frame_shift=opts.frame_shift,
-                             dither=opts.dither))
-
-
 def compute_features(extractor: Any, samples: np.ndarray) -> Tensor:
     """(1, num_samples) 16 kHz audio -> (T, num_mel_bins) float32 log-mel features."""
     return torch.from_numpy(extractor.extract(samples, SAMPLING_RATE))
@@ -198,7 +187,7 @@ class Transcriber:
 
     def __init__(self, model: Any, sp: Any, *, method: str = "greedy_search", beam: int = 4,
                  device: str | torch.device = "cpu") -> None:
-        from zipasr.data.fbank import FbankOptions
+        from zipasr.data.fbank import FbankOptions, fbank_extractor
         from zipasr.decode.search import METHODS
 
         if method not in METHODS:
@@ -208,7 +197,7 @@ class Transcriber:
                               "needs its decoder and joiner")
         self.model, self.sp, self.method, self.beam = model, sp, method, beam
         self.device = torch.device(device)
-        self.extractor = make_extractor(int(model.config.feature_dim))
+        self.extractor = fbank_extractor(num_mel_bins=int(model.config.feature_dim))
         self.frame_shift = output_frame_shift(model, FbankOptions().frame_shift)
 
     def features(self, path: str | Path) -> tuple[Tensor, float]:
