@@ -110,17 +110,20 @@ def build_tiny_corpus(root: Path, num_train: int) -> dict[str, Path]:
     return out
 
 
-def peaky_xs_model(features, vocab_size: int):
+def peaky_xs_model(features, vocab_size: int, causal: bool = False):
     """An untrained xs Transducer (seed 0, eval mode) whose greedy and beam hypotheses are
     non-empty and depend on the audio: a fresh model is nearly uniform and its encoder output is
     dominated by a constant, so the joiner is made peaky and its encoder projection centred on
-    the mean encoder output of ``features`` (a list of (T, 80) float tensors)."""
+    the mean encoder output of ``features`` (a list of (T, 80) float tensors). ``causal``: the
+    streaming variant, left set to whole-utterance attention."""
     import torch
 
     from zipasr.model import Transducer
 
     torch.manual_seed(0)
-    model = Transducer.from_preset("xs", vocab_size=vocab_size).eval()
+    model = Transducer.from_preset("xs", vocab_size=vocab_size, causal=causal).eval()
+    if causal:
+        model.encoder.chunk_size, model.encoder.left_context_frames = [-1], [-1]
     with torch.no_grad():
         model.joiner.output_linear.weight.normal_(0, 1.5)
         model.joiner.output_linear.bias.zero_()

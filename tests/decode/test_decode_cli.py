@@ -91,8 +91,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                     "average_period": 5, "cur_epoch": epoch, "optimizer": {"state": {}},
                     "sampler": None}, exp / f"epoch-{epoch}.pt")
     torch.save({"model": sd}, tmp / "pretrained.pt")  # icefall's layout: no config
+    causal = peaky_xs_model([torch.from_numpy(c.load_features())
+                             for c in CutSet.from_file(feats)], 30, causal=True)
+    torch.save({"model": causal.state_dict(), "model_config": causal.config.to_dict()},
+               tmp / "causal.pt")  # an averaged model's layout
     return {"tmp": tmp, "feats": feats, "raw": raw, "exact": exact, "bpe": bpe, "exp": exp,
-            "pretrained": tmp / "pretrained.pt"}
+            "pretrained": tmp / "pretrained.pt", "causal": tmp / "causal.pt"}
 
 
 def _decode(setup: dict[str, Path], out: Path, method: str, *extra: str, cuts: str = "feats",
@@ -262,3 +266,54 @@ def test_unreadable_audio_fails_naming_the_cut(setup: dict[str, Path], tmp_path:
     with pytest.raises(ZipasrError, match=f"cut {cuts[0].id}: cannot read its audio"):
         _decode(dict(setup, damaged=manifest), tmp_path / "out", "greedy_search",
                 cuts="damaged")
+
+
+def test_streaming_decoding_of_a_causal_model(setup: dict[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """``--streaming`` (chunk by chunk, streams joining and leaving a batch) writes the same
+    hypotheses as ``--chunk-size`` alone (the whole utterance with the chunk mask), under the
+    result names icefall's suffixes give; another chunk size changes them (the comparison can
+    fail); a causal model without streaming options sees whole utterances, deterministically
+    (it would draw a chunk size per batch otherwise)."""
+    out = tmp_path / "res"
+    causal = setup["causal"]
+    for method in ("greedy_search", "modified_beam_search"):
+        key = "greedy_search" if method == "greedy_search" else f"{method}_beam-size-4"
+        _decode(setup, out, method, "--streaming", "--chunk-size", "16",
+                "--left-context-frames", "64", "--num-streams", "4", model=causal)
+        _decode(setup, out, method, "--chunk-size", "16", "--left-context-frames", "64",
+                model=causal)
+        chunkwise = read_recogs(out / f"recogs-test-{key}-chunk-16-left-context-64.txt")
+        simulated = read_recogs(
+            out / f"recogs-test-{key}-chunk-16-left-context-64-simulated.txt")
+        assert [r[0] for r in chunkwise] == [f"utt{i}" for i in range(N_CUTS)]
+        assert len({tuple(h) for _, _, h in chunkwise}) == N_CUTS  # audio-dependent output
+        assert chunkwise == simulated
+        summary = (out / f"wer-summary-test-{key}-chunk-16-left-context-64.txt").read_text()
+        assert summary.splitlines()[1].startswith(f"{key}-chunk-16-left-context-64\t")
+    assert re.search(r"test\tgreedy_search-chunk-16-left-context-64\tWER ",
+                     capsys.readouterr().out)
+    _decode(setup, out, "greedy_search", "--streaming", "--chunk-size", "32",
+            "--left-context-frames", "64", model=causal)
+    other = read_recogs(out / "recogs-test-greedy_search-chunk-32-left-context-64.txt")
+    assert other != read_recogs(out / "recogs-test-greedy_search-chunk-16-left-context-64.txt")
+    for run in ("a", "b"):
+        _decode(setup, tmp_path / run, "greedy_search", model=causal)
+    assert (read_recogs(tmp_path / "a" / "recogs-test-greedy_search.txt")
+            == read_recogs(tmp_path / "b" / "recogs-test-greedy_search.txt"))
+
+
+@pytest.mark.parametrize("model,extra,message", [
+    ("exp", ["--streaming"], "needs a causal model"),
+    ("causal", ["--streaming", "--chunk-size", "12"], "multiple of every downsampling"),
+    ("causal", ["--chunk-size", "16", "--left-context-frames", "40"], "multiple of the chunk"),
+    ("causal", ["--streaming", "--chunk-size", "8", "--left-context-frames", "8"],
+     "shorter than the convolutions' left context"),
+    ("causal", ["--left-context-frames", "64"], "needs --chunk-size or --streaming"),
+])
+def test_streaming_refusals(setup: dict[str, Path], tmp_path: Path, model: str,
+                            extra: list[str], message: str) -> None:
+    path = setup[model] / "epoch-2.pt" if model == "exp" else setup[model]
+    with pytest.raises(ZipasrError, match=message):
+        _decode(setup, tmp_path, "greedy_search", *extra, model=path)
+    assert not list(tmp_path.glob("recogs-*"))

@@ -1,5 +1,29 @@
-# Decoding (per evaluation part x method) and the final WER table.
+# Decoding (per evaluation part x method, and for a causal model x streaming setting) and the
+# final WER table.
 import re
+
+from snakemake.exceptions import WorkflowError
+
+BEAM = config["decode"]["beam"]
+# (chunk, left context) pairs of a causal model's chunk-wise streaming decoding
+PAIRS = [(s["chunk_size"], s["left_context_frames"]) for s in config["decode"].get("streaming", [])]
+# every result key of the configuration per method, in the WER table's column order
+KEYS = {m: [result_key(m, BEAM)] + [result_key(m, BEAM, c, left) for c, left in PAIRS]
+        for m in config["decode"]["methods"]}
+# streaming result key -> (chunk, left context)
+STREAMING = {result_key(m, BEAM, c, left): (c, left) for m in KEYS for c, left in PAIRS}
+if STREAMING:
+    # checked now, not after training: a non-causal model or a chunk it cannot decode with
+    from zipasr.decode.streaming import check_chunking
+    from zipasr.errors import ZipasrError
+    from zipasr.model.config import ZipformerConfig
+
+    try:
+        _model_config = ZipformerConfig.from_dict(config["model"])
+        for _chunk, _left in STREAMING.values():
+            check_chunking(_model_config, _chunk, _left)
+    except (ZipasrError, KeyError, ValueError) as e:
+        raise WorkflowError(f"decode.streaming: {e}") from None
 
 
 def wer_summary(part, method, key):
@@ -14,6 +38,10 @@ def decode_args(wildcards):
     args = f"--max-duration {d['max_duration']}"
     if wildcards.method != "greedy_search":
         args += f" --beam {d['beam']}"
+    if wildcards.key in STREAMING:
+        chunk, left = STREAMING[wildcards.key]
+        args += (f" --streaming --chunk-size {chunk} --left-context-frames {left}"
+                 f" --num-streams {d.get('num_streams', 50)}")
     return args
 
 
@@ -34,8 +62,9 @@ rule decode:
         method="greedy_search|modified_beam_search",
         # the keys `zipasr decode` writes for the configured beam: a file of another beam
         # has no rule (instead of a job that would write a different name)
-        key="|".join(re.escape(result_key(m, config["decode"]["beam"]))
-                     for m in ("greedy_search", "modified_beam_search")),
+        key="|".join(re.escape(result_key(m, BEAM))
+                     for m in ("greedy_search", "modified_beam_search"))
+        + "".join(f"|{re.escape(k)}" for k in STREAMING),
     threads: 1
     shell:
         "zipasr decode --model {input.model} --bpe-model {input.bpe} --cuts {input.cuts}"
@@ -48,8 +77,7 @@ rule score:
     # exactly the current configuration's results: files of another beam or averaged model
     # left in {EXP} are neither in the table nor in MLflow
     input:
-        [wer_summary(p, m, result_key(m, config["decode"]["beam"]))
-         for p in EVAL_PARTS for m in config["decode"]["methods"]],
+        [wer_summary(p, m, k) for p in EVAL_PARTS for m, keys in KEYS.items() for k in keys],
     output:
         f"{EXP}/wer.tsv",
     log:

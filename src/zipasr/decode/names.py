@@ -4,7 +4,8 @@ the two cannot drift apart. No heavy imports: the Snakefile imports this module.
 
 * averaged model: ``epoch-{E}_avg-{A}[_use-averaged-model]`` (icefall's ``--epoch``/``--avg``
   suffix), the ``.pt`` file's stem and the result files' suffix;
-* result key: ``greedy_search`` or ``modified_beam_search_beam-size-{beam}`` (icefall's);
+* result key: ``greedy_search`` or ``modified_beam_search_beam-size-{beam}`` (icefall's),
+  streaming ones with ``-chunk-{C}-left-context-{L}``;
 * result file: ``{kind}-{test_set}-{key}[-{suffix}].txt``, kind one of :data:`RESULT_KINDS`.
 """
 
@@ -18,9 +19,17 @@ def model_name(epoch: int, avg: int, use_averaged_model: bool) -> str:
     return f"epoch-{epoch}_avg-{avg}" + ("_use-averaged-model" if use_averaged_model else "")
 
 
-def result_key(method: str, beam: int) -> str:
-    """``greedy_search``; ``modified_beam_search_beam-size-4`` (the beam matters to it only)."""
-    return method if method == "greedy_search" else f"{method}_beam-size-{beam}"
+def result_key(method: str, beam: int, chunk_size: int | None = None,
+               left_context_frames: int | None = None, simulated: bool = False) -> str:
+    """``greedy_search``; ``modified_beam_search_beam-size-4`` (the beam matters to it only);
+    a causal model's chunk-wise streaming results add the chunk and left context (icefall's
+    suffix, in 50 Hz frames): ``greedy_search-chunk-16-left-context-128``, and its
+    whole-utterance simulation of them ``...-left-context-128-simulated``."""
+    key = method if method == "greedy_search" else f"{method}_beam-size-{beam}"
+    if chunk_size is None:
+        return key
+    key += f"-chunk-{chunk_size}-left-context-{left_context_frames}"
+    return key + "-simulated" if simulated else key
 
 
 def result_name(test_set: str, key: str, suffix: str | None = None) -> str:

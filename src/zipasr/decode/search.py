@@ -12,6 +12,11 @@ Both take the encoder output of ``model.forward_encoder`` and use the model's st
 Utterances are processed sorted by length (longest first), so at frame t the utterances still
 running are a prefix of the batch and the rest are finished (icefall packs the sequence for
 the same effect).
+
+Each search keeps its state per utterance (:class:`GreedyStream`, :class:`BeamStream`) and
+advances it over a block of encoder frames: the offline searches advance once over the whole
+utterance, streaming decoding (:mod:`zipasr.decode.streaming`) once per chunk, so both are
+the same search.
 """
 
 from __future__ import annotations
@@ -68,28 +73,39 @@ def _sort_by_length(encoder_out_lens: Tensor) -> tuple[list[int], list[int]]:
     return order, [lens[i] for i in order]
 
 
-def greedy_search_batch(model: nn.Module, encoder_out: Tensor, encoder_out_lens: Tensor
-                        ) -> list[SearchResult]:
-    """Greedy search, at most one symbol per frame, for a padded batch.
+@dataclass
+class GreedyStream:
+    """Greedy search of one utterance so far, carried from chunk to chunk in streaming.
 
-    encoder_out: (N, T, C) as returned by ``forward_encoder``; encoder_out_lens: (N,).
-    Returns N results in input order.
-    """
+    ``hyp`` holds the context prefix and the emitted tokens, ``frames`` their emitting
+    encoder frames (counted from the utterance's start), ``num_frames`` the frames seen."""
+
+    hyp: list[int]
+    frames: list[int] = field(default_factory=list)
+    score: float = 0.0
+    num_frames: int = 0
+
+    @classmethod
+    def start(cls, model: nn.Module) -> GreedyStream:
+        return cls([-1] * (model.decoder.context_size - 1) + [model.decoder.blank_id])
+
+    def result(self, context_size: int) -> SearchResult:
+        return SearchResult(self.hyp[context_size:], self.score, list(self.frames))
+
+
+def greedy_advance(model: nn.Module, streams: Sequence[GreedyStream], encoder_out: Tensor,
+                   encoder_out_lens: Tensor) -> None:
+    """Run each stream over its next ``encoder_out_lens[i]`` frames (at most one symbol per
+    frame), in place. encoder_out: (N, T, C) from the encoder; one stream per row."""
     assert encoder_out.ndim == 3 and encoder_out.shape[0] == encoder_out_lens.shape[0]
+    assert len(streams) == encoder_out.shape[0]
     blank_id: int = model.decoder.blank_id
-    context_size: int = model.decoder.context_size
     device = encoder_out.device
     order, lens = _sort_by_length(encoder_out_lens)
-    N = len(order)
+    running = [streams[i] for i in order]
     enc = model.joiner.encoder_proj(encoder_out[order])  # (N, T, J)
-
-    hyps = [[-1] * (context_size - 1) + [blank_id] for _ in range(N)]
-    frames: list[list[int]] = [[] for _ in range(N)]  # emitting frame of each token
-    scores = [0.0] * N
     dec_cache: dict[tuple[int, ...], Tensor] = {}  # context -> projected decoder output (J,)
-    # (N, J): every hypothesis starts alike
-    dec = _decoder_outputs(model, dec_cache, [[-1] * (context_size - 1) + [blank_id]],
-                           device).expand(N, -1)
+    dec = _decoder_outputs(model, dec_cache, [s.hyp for s in running], device)  # (N, J)
     for t in range(max(lens, default=0)):
         n = sum(1 for length in lens if length > t)  # running utterances: a prefix
         logits = model.joiner(enc[:n, t], dec[:n], project_input=False)  # (n, V)
@@ -97,55 +113,72 @@ def greedy_search_batch(model: nn.Module, encoder_out: Tensor, encoder_out_lens:
         logp = logits.log_softmax(dim=-1).gather(1, best.unsqueeze(1)).squeeze(1)
         emitted = []
         for i, (tok, lp) in enumerate(zip(best.tolist(), logp.tolist(), strict=True)):
-            scores[i] += lp
+            s = running[i]
+            s.score += lp
             if tok != blank_id:
-                hyps[i].append(tok)
-                frames[i].append(t)
+                s.hyp.append(tok)
+                s.frames.append(s.num_frames + t)
                 emitted.append(i)
         if emitted:
             # Only hypotheses that changed need a new decoder output, and only contexts not
             # seen before in this batch need the decoder.
             dec = dec.clone()
-            dec[emitted] = _decoder_outputs(model, dec_cache, [hyps[i] for i in emitted],
+            dec[emitted] = _decoder_outputs(model, dec_cache, [running[i].hyp for i in emitted],
                                             device)
-    out: list[SearchResult | None] = [None] * N
-    for pos, i in enumerate(order):
-        out[i] = SearchResult(hyps[pos][context_size:], scores[pos], frames[pos])
-    return out  # type: ignore[return-value]
+    for s, length in zip(running, lens, strict=True):
+        s.num_frames += length
 
 
-def modified_beam_search(model: nn.Module, encoder_out: Tensor, encoder_out_lens: Tensor,
-                         beam: int = 4) -> list[SearchResult]:
-    """Modified beam search (at most one symbol per frame) for a padded batch.
+def greedy_search_batch(model: nn.Module, encoder_out: Tensor, encoder_out_lens: Tensor
+                        ) -> list[SearchResult]:
+    """Greedy search, at most one symbol per frame, for a padded batch.
 
-    Per frame and utterance, every (hypothesis, token) pair is scored as hypothesis log-prob +
-    log_softmax(joiner logits) and the best ``beam`` pairs over all of the utterance's
-    hypotheses are kept; blank keeps the token sequence, a non-blank token appends to it.
-    Pairs that yield the same token sequence are merged by log-add-exp (so a hypothesis'
-    score sums over the kept alignments). The final choice maximises
-    ``log_prob / len(ys)``, where ys includes the ``context_size`` initial entries.
-
-    encoder_out: (N, T, C); encoder_out_lens: (N,). Returns N results in input order.
+    encoder_out: (N, T, C) as returned by ``forward_encoder``; encoder_out_lens: (N,).
+    Returns N results in input order.
     """
+    streams = [GreedyStream.start(model) for _ in range(encoder_out.shape[0])]
+    greedy_advance(model, streams, encoder_out, encoder_out_lens)
+    return [s.result(model.decoder.context_size) for s in streams]
+
+
+@dataclass
+class BeamStream:
+    """Modified beam search of one utterance so far, carried from chunk to chunk.
+
+    ``beams``: token sequence (with the context prefix) -> log-prob (float64); ``frames``:
+    token sequence -> emitting frame of each of its tokens (timestamps only, they never
+    influence the search); ``num_frames``: encoder frames seen."""
+
+    beams: dict[tuple[int, ...], float]
+    frames: dict[tuple[int, ...], tuple[int, ...]]
+    num_frames: int = 0
+
+    @classmethod
+    def start(cls, model: nn.Module) -> BeamStream:
+        ys = tuple([-1] * (model.decoder.context_size - 1) + [model.decoder.blank_id])
+        return cls({ys: 0.0}, {ys: ()})
+
+    def result(self, context_size: int) -> SearchResult:
+        """The best hypothesis by ``log_prob / len(ys)`` (ys with its context prefix)."""
+        ys, score = max(self.beams.items(), key=lambda kv: kv[1] / len(kv[0]))
+        return SearchResult(list(ys[context_size:]), score, list(self.frames[ys]))
+
+
+def beam_advance(model: nn.Module, streams: Sequence[BeamStream], encoder_out: Tensor,
+                 encoder_out_lens: Tensor, beam: int = 4) -> None:
+    """Run each stream's modified beam search over its next ``encoder_out_lens[i]`` frames,
+    in place. encoder_out: (N, T, C); one stream per row."""
     assert encoder_out.ndim == 3 and encoder_out.shape[0] == encoder_out_lens.shape[0]
-    assert beam >= 1
+    assert len(streams) == encoder_out.shape[0] and beam >= 1
     blank_id: int = model.decoder.blank_id
-    context_size: int = model.decoder.context_size
     device = encoder_out.device
     order, lens = _sort_by_length(encoder_out_lens)
-    N = len(order)
+    running = [streams[i] for i in order]
     enc = model.joiner.encoder_proj(encoder_out[order])  # (N, T, J)
-
-    start = tuple([-1] * (context_size - 1) + [blank_id])
-    # Per utterance: token sequence (with the context prefix) -> log-prob (float64).
-    beams: list[dict[tuple[int, ...], float]] = [{start: 0.0} for _ in range(N)]
-    # Per utterance: token sequence -> emitting frame of each of its tokens (timestamps only;
-    # they never influence the search).
-    beam_frames: list[dict[tuple[int, ...], tuple[int, ...]]] = [{start: ()} for _ in range(N)]
     dec_cache: dict[tuple[int, ...], Tensor] = {}  # context -> projected decoder output (J,)
     for t in range(max(lens, default=0)):
         n = sum(1 for length in lens if length > t)
-        hyp_lists = [list(beams[i].items()) for i in range(n)]
+        hyp_lists = [list(running[i].beams.items()) for i in range(n)]
         counts = [len(h) for h in hyp_lists]
         flat = [ys for h in hyp_lists for ys, _ in h]
         row = torch.repeat_interleave(torch.arange(n, device=device),
@@ -168,6 +201,7 @@ def modified_beam_search(model: nn.Module, encoder_out: Tensor, encoder_out_lens
         top_scores, top_idx = table.view(n, -1).topk(k, dim=1)
         top_scores, top_idx = top_scores.tolist(), top_idx.tolist()
         for i in range(n):
+            s = running[i]
             merged: dict[tuple[int, ...], float] = {}
             merged_frames: dict[tuple[int, ...], tuple[int, ...]] = {}
             for score, idx in zip(top_scores[i], top_idx[i], strict=True):
@@ -182,15 +216,29 @@ def modified_beam_search(model: nn.Module, encoder_out: Tensor, encoder_out_lens
                 if old is None:
                     # topk is sorted, best first: the first pair reaching ys is its best
                     # alignment, whose frames the merged hypothesis keeps
-                    f = beam_frames[i][prev]
-                    merged_frames[ys] = f + (t,) if tok != blank_id else f
-            beams[i] = merged
-            beam_frames[i] = merged_frames
-    out: list[SearchResult | None] = [None] * N
-    for pos, i in enumerate(order):
-        ys, score = max(beams[pos].items(), key=lambda kv: kv[1] / len(kv[0]))
-        out[i] = SearchResult(list(ys[context_size:]), score, list(beam_frames[pos][ys]))
-    return out  # type: ignore[return-value]
+                    f = s.frames[prev]
+                    merged_frames[ys] = f + (s.num_frames + t,) if tok != blank_id else f
+            s.beams, s.frames = merged, merged_frames
+    for s, length in zip(running, lens, strict=True):
+        s.num_frames += length
+
+
+def modified_beam_search(model: nn.Module, encoder_out: Tensor, encoder_out_lens: Tensor,
+                         beam: int = 4) -> list[SearchResult]:
+    """Modified beam search (at most one symbol per frame) for a padded batch.
+
+    Per frame and utterance, every (hypothesis, token) pair is scored as hypothesis log-prob +
+    log_softmax(joiner logits) and the best ``beam`` pairs over all of the utterance's
+    hypotheses are kept; blank keeps the token sequence, a non-blank token appends to it.
+    Pairs that yield the same token sequence are merged by log-add-exp (so a hypothesis'
+    score sums over the kept alignments). The final choice maximises
+    ``log_prob / len(ys)``, where ys includes the ``context_size`` initial entries.
+
+    encoder_out: (N, T, C); encoder_out_lens: (N,). Returns N results in input order.
+    """
+    streams = [BeamStream.start(model) for _ in range(encoder_out.shape[0])]
+    beam_advance(model, streams, encoder_out, encoder_out_lens, beam=beam)
+    return [s.result(model.decoder.context_size) for s in streams]
 
 
 def _log_add(a: float, b: float) -> float:
