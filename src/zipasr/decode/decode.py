@@ -207,7 +207,7 @@ class Streaming:
                           self.simulated)
 
 
-def _prepare_causal(model: Any, streaming: Streaming | None) -> None:
+def prepare_causal(model: Any, streaming: Streaming | None) -> None:
     """A causal model decodes with one chunk size: the streaming one, else whole utterances
     (it draws at random from its training lists otherwise)."""
     from zipasr.decode import streaming as st
@@ -235,7 +235,7 @@ def decode_cuts(model: Any, sp: Any, cuts: Any, *, method: str, beam: int = 4,
 
     from zipasr.decode import streaming as st
 
-    _prepare_causal(model, streaming)
+    prepare_causal(model, streaming)
     loader = FeatureLoader()
     results: list[Result] = []
     audio = 0.0
@@ -260,10 +260,8 @@ def decode_cuts(model: Any, sp: Any, cuts: Any, *, method: str, beam: int = 4,
                 model, [x[i, : int(n)] for i, n in enumerate(x_lens)], streaming.chunk_size,
                 device)
         else:
-            if model.config.causal:  # icefall's tail padding for a causal model
-                x = torch.nn.functional.pad(x, (0, 0, 0, st.TAIL_PAD_FRAMES),
-                                            value=st.LOG_EPSILON)
-                x_lens = x_lens + st.TAIL_PAD_FRAMES
+            if model.config.causal:
+                x, x_lens = st.tail_pad(x, x_lens)
             # Conv-Embed gives no output frame for < MIN_FRAMES input frames: such a cut is
             # scored with an empty hypothesis (its words count as deletions), not fatal.
             ok = x_lens >= MIN_FRAMES

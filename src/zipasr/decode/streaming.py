@@ -86,6 +86,15 @@ def full_context(model: Any) -> None:
     model.encoder.left_context_frames = [-1]
 
 
+def tail_pad(x: Tensor, x_lens: Tensor) -> tuple[Tensor, Tensor]:
+    """A padded batch (N, T, F) with ``TAIL_PAD_FRAMES`` more frames of ``LOG_EPSILON`` after
+    each utterance, counted as its frames: how a causal model decodes whole utterances
+    (icefall's decode.py), so that its last words get the right context they were trained
+    with."""
+    x = torch.nn.functional.pad(x, (0, 0, 0, TAIL_PAD_FRAMES), value=LOG_EPSILON)
+    return x, x_lens + TAIL_PAD_FRAMES
+
+
 def num_chunks(num_frames: int, chunk_size: int) -> int:
     """Chunks needed for ``num_frames`` feature frames plus the tail padding."""
     return max(1, math.ceil((num_frames + TAIL_PAD_FRAMES) / (2 * chunk_size)))

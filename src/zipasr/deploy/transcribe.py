@@ -186,8 +186,11 @@ class Transcriber:
     """A model, its BPE model and a search method; turns batches of features into results."""
 
     def __init__(self, model: Any, sp: Any, *, method: str = "greedy_search", beam: int = 4,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", streaming: Any = None) -> None:
+        """``streaming``: a ``zipasr.decode.decode.Streaming`` for a causal model (chunk-wise
+        or simulated, as ``zipasr decode``); without it a causal model hears whole files."""
         from zipasr.data.fbank import FbankOptions, fbank_extractor
+        from zipasr.decode.decode import prepare_causal
         from zipasr.decode.search import METHODS
 
         if method not in METHODS:
@@ -197,6 +200,8 @@ class Transcriber:
                               "needs its decoder and joiner")
         self.model, self.sp, self.method, self.beam = model, sp, method, beam
         self.device = torch.device(device)
+        prepare_causal(model, streaming)
+        self.streaming = streaming
         self.extractor = fbank_extractor(num_mel_bins=int(model.config.feature_dim))
         self.frame_shift = output_frame_shift(model, FbankOptions().frame_shift)
 
@@ -209,21 +214,39 @@ class Transcriber:
     def decode(self, items: Sequence[Item]) -> list[Transcript]:
         """Decode one batch (padded with LOG_EPSILON, as ``zipasr decode`` pads); results in
         the order of ``items``."""
+        from zipasr.decode import streaming as st
         from zipasr.decode.decode import MIN_FRAMES, collate_features
         from zipasr.decode.search import search
 
         out: dict[int, Transcript] = {}
-        ok = [it for it in items if it.feats.shape[0] >= MIN_FRAMES]
+        s = self.streaming
+        if s is not None and not s.simulated:  # chunk by chunk, as a live stream
+            decoder = st.ChunkwiseDecoder(self.model, s.chunk_size, s.left_context_frames,
+                                          method=self.method, beam=self.beam,
+                                          num_streams=s.num_streams, device=self.device)
+            by_index = {it.index: it for it in items}
+            for i, hyp in decoder.decode((it.index, it.feats) for it in items):
+                out[i] = self._transcript(by_index[i], hyp.tokens, hyp.frames)
+            return [out[it.index] for it in items]
+        # a causal model's tail padding gives every file frames to decode
+        min_frames = 0 if self.model.config.causal else MIN_FRAMES
+        ok = [it for it in items if it.feats.shape[0] >= min_frames]
         for it in items:
-            if it.feats.shape[0] < MIN_FRAMES:
+            if it.feats.shape[0] < min_frames:
                 # Conv-Embed has no output frame for it: nothing can be said about it.
                 log.warning("%s is too short to transcribe (%.3f s): empty transcript",
                             it.path, it.duration)
                 out[it.index] = Transcript(it.path, it.duration, "")
         if ok:
-            x, x_lens = collate_features([it.feats for it in ok])  # (N, T, F), (N,)
-            enc, enc_lens = self.model.forward_encoder(x.to(self.device),
-                                                       x_lens.to(self.device))
+            if s is not None:  # simulated streaming
+                enc, enc_lens = st.simulated_encoder(
+                    self.model, [it.feats for it in ok], s.chunk_size, self.device)
+            else:
+                x, x_lens = collate_features([it.feats for it in ok])  # (N, T, F), (N,)
+                if self.model.config.causal:
+                    x, x_lens = st.tail_pad(x, x_lens)
+                enc, enc_lens = self.model.forward_encoder(x.to(self.device),
+                                                           x_lens.to(self.device))
             hyps = search(self.model, enc, enc_lens, self.method, beam=self.beam)
             for it, hyp in zip(ok, hyps, strict=True):
                 out[it.index] = self._transcript(it, hyp.tokens, hyp.frames)
