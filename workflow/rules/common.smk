@@ -1,5 +1,7 @@
 # Paths and config lookups shared by the rule files. Rules read config only through these.
 # Model and result file names come from zipasr.decode.names, which `zipasr decode` writes with.
+from snakemake.exceptions import WorkflowError
+
 from zipasr.decode.names import model_name, result_file, result_key
 
 D = config["data_dir"]
@@ -11,8 +13,24 @@ ALL_PARTS = list(dict.fromkeys(TRAIN_PARTS + EVAL_PARTS))
 STRICT = "--strict" if config["strict"] else ""
 EXP = config["exp_dir"].rstrip("/")
 EXP_NAME = EXP.replace("/", "_")
-AVG_NAME = model_name(config["train"]["num_epochs"], config["average"]["avg"],
-                      config["average"]["use_averaged_model"])
+# The last epoch averaged (icefall's --epoch): average.epoch, else the last one trained.
+# icefall's streaming run averages epoch 30 of 40.
+AVG_EPOCH = config["average"].get("epoch", config["train"]["num_epochs"])
+if AVG_EPOCH > config["train"]["num_epochs"]:
+    raise WorkflowError(
+        f"average.epoch {AVG_EPOCH} is after the last epoch trained, train.num_epochs "
+        f"{config['train']['num_epochs']}: epoch-{AVG_EPOCH}.pt would never be written"
+    )
+# A causal model's chunk lists checked now, not when the train job builds the model after data
+# preparation (only then: the check imports torch, seconds on every DAG load)
+if config["model"].get("causal", False):
+    from zipasr.model.config import ZipformerConfig
+
+    try:
+        ZipformerConfig.from_dict(config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise WorkflowError(f"model: {e}") from None
+AVG_NAME = model_name(AVG_EPOCH, config["average"]["avg"], config["average"]["use_averaged_model"])
 # ONNX export settings (export.smk); config.yaml has them all, the defaults only cover a config
 # that bypasses it
 EXPORT = {"onnx": True, "int8": True, "opset": 13, **config.get("export", {})}

@@ -53,7 +53,7 @@ rule average:
         f"{EXP}/{AVG_NAME}.pt",
     params:
         avg=config["average"],
-        epoch=config["train"]["num_epochs"],
+        epoch=AVG_EPOCH,
     log:
         f"logs/average/{EXP_NAME}-{AVG_NAME}.log",
     benchmark:

@@ -77,6 +77,50 @@ class ZipformerConfig:
                 raise ValueError(f"{name} has {len(v)} entries, expected 1 or {n}")
         if self.use_transducer is False and self.use_ctc is False:
             raise ValueError("at least one of use_transducer, use_ctc must be true")
+        if self.causal:
+            self._check_chunks()
+
+    def _check_chunks(self) -> None:
+        """Every (chunk_size, left_context_frames) pair a causal model can draw must be one
+        icefall's Zipformer2 accepts; otherwise training stops at an assert inside some later
+        forward, on whichever batch first draws the bad pair."""
+        ds = self.downsampling_factor
+        kernel = self.cnn_module_kernel * (len(ds) if len(self.cnn_module_kernel) == 1 else 1)
+        if not self.chunk_size or not self.left_context_frames:
+            raise ValueError("a causal model needs at least one chunk_size and one "
+                             "left_context_frames entry (-1: whole utterance / unlimited)")
+        for c in self.chunk_size:
+            # the downsampled stacks run at chunk_size // ds and see mask[::ds, ::ds]
+            bad = sorted({d for d in ds if c % d}) if c > 0 else []
+            if c != -1 and (c <= 0 or bad):
+                why = f"not a multiple of {bad}" if bad else "not positive"
+                raise ValueError(
+                    f"chunk_size {c} is {why}: each entry must be -1 or a positive multiple "
+                    f"of every downsampling_factor {list(ds)}")
+        for left in self.left_context_frames:
+            if left != -1 and left <= 0:
+                raise ValueError(f"left_context_frames {left}: each entry must be -1 "
+                                 "(unlimited) or positive")
+        # The chunk-causal convolution of stack i looks back (K_i // 2) frames at its rate,
+        # (K_i // 2) * ds_i frames at 50 Hz; the attention's left context must cover them
+        # (icefall's Zipformer2._get_attn_mask asserts it). left -1 is unlimited.
+        for c in self.chunk_size:
+            if c == -1:
+                continue  # no chunking: no left context is drawn
+            for left in self.left_context_frames:
+                if left == -1:
+                    continue
+                chunks = max(1, left // c)
+                for i, (k, d) in enumerate(zip(kernel, ds, strict=True)):
+                    if c * chunks < (k // 2) * d:
+                        raise ValueError(
+                            f"chunk_size {c} with left_context_frames {left} gives "
+                            f"{c} * max(1, {left} // {c}) = {c * chunks} frames of left "
+                            f"context, fewer than stack {i} needs: (cnn_module_kernel {k} "
+                            f"// 2) * downsampling_factor {d} = {(k // 2) * d}; icefall's "
+                            "constraint is chunk_size * max(1, left_context_frames // "
+                            "chunk_size) >= (cnn_module_kernel // 2) * downsampling_factor "
+                            "for every stack")
 
     @property
     def output_dim(self) -> int:
