@@ -15,12 +15,15 @@ import numpy as np
 from zipasr.decode.scoring import error_stats
 
 
-def recognizer(onnx_dir: Path, method: str, beam: int = 4, int8: bool = False) -> Any:
-    """sherpa-onnx's offline transducer recognizer on the exported files (one thread)."""
+def recognizer(onnx_dir: Path, method: str, beam: int = 4, int8: bool = False,
+               online: bool = False) -> Any:
+    """sherpa-onnx's transducer recognizer on the exported files (one thread): the offline
+    one, or with ``online`` the streaming ``OnlineRecognizer``."""
     import sherpa_onnx
 
     suffix = ".int8" if int8 else ""
-    return sherpa_onnx.OfflineRecognizer.from_transducer(
+    cls = sherpa_onnx.OnlineRecognizer if online else sherpa_onnx.OfflineRecognizer
+    return cls.from_transducer(
         encoder=str(onnx_dir / f"encoder{suffix}.onnx"),
         decoder=str(onnx_dir / f"decoder{suffix}.onnx"),
         joiner=str(onnx_dir / f"joiner{suffix}.onnx"),
@@ -47,6 +50,46 @@ def result_ids(result: Any, tokens_txt: Path) -> list[int]:
         piece, idx = line.rsplit(" ", 1)
         table[piece] = int(idx)
     return [table[t.replace(" ", "▁")] for t in result.tokens]
+
+
+def sherpa_stream_decode(rec: Any, waves: Sequence[np.ndarray], tail: float,
+                         together: bool = False, piece: float = 0.1,
+                         sample_rate: int = 16000) -> tuple[list[Any], list[int]]:
+    """Streaming recognition as an application does it: each wave, then ``tail`` seconds of
+    silence, fed in ``piece``-second pieces, decoding whenever a chunk is ready, then
+    ``input_finished()`` after its last piece. ``together``: all waves in lockstep,
+    the ready streams decoded as one batch (``decode_streams``, as a server does), else one
+    stream after the other. Returns (results, number of chunks each stream decoded)."""
+    padded = [np.concatenate([w, np.zeros(round(tail * sample_rate), np.float32)])
+              for w in waves]
+    streams = [rec.create_stream() for _ in padded]
+    chunks = [0] * len(streams)
+
+    def decode(group: list[int]) -> None:
+        while ready := [i for i in group if rec.is_ready(streams[i])]:
+            for i in ready:
+                chunks[i] += 1
+            rec.decode_streams([streams[i] for i in ready])
+
+    step = round(piece * sample_rate)
+    groups = [list(range(len(streams)))] if together else [[i] for i in range(len(streams))]
+    for group in groups:
+        for start in range(0, max(len(padded[i]) for i in group), step):
+            for i in group:
+                if start < len(padded[i]):
+                    streams[i].accept_waveform(sample_rate, padded[i][start:start + step])
+                    if start + step >= len(padded[i]):
+                        streams[i].input_finished()
+            decode(group)
+    return [rec.get_result_all(s) for s in streams], chunks
+
+
+def write_numbered_tokens(path: Path, vocab_size: int) -> Path:
+    """A tokens.txt in icefall's layout whose pieces are ``▁T<id>`` (no BPE model needed; a
+    result's text is then "T<id> T<id> ...")."""
+    path.write_text("\n".join(["<blk> 0", "<sos/eos> 1", "<unk> 2"]
+                              + [f"▁T{i} {i}" for i in range(3, vocab_size)]) + "\n")
+    return path
 
 
 def read_recogs(path: Path) -> dict[str, tuple[list[str], list[str]]]:

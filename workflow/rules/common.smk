@@ -3,6 +3,7 @@
 from snakemake.exceptions import WorkflowError
 
 from zipasr.decode.names import model_name, result_file, result_key
+from zipasr.model.config import ZipformerConfig
 
 D = config["data_dir"]
 CORPUS = config["corpus"]
@@ -21,15 +22,12 @@ if AVG_EPOCH > config["train"]["num_epochs"]:
         f"average.epoch {AVG_EPOCH} is after the last epoch trained, train.num_epochs "
         f"{config['train']['num_epochs']}: epoch-{AVG_EPOCH}.pt would never be written"
     )
-# A causal model's chunk lists checked now, not when the train job builds the model after data
-# preparation (only then: the check imports torch, seconds on every DAG load)
-if config["model"].get("causal", False):
-    from zipasr.model.config import ZipformerConfig
-
-    try:
-        ZipformerConfig.from_dict(config["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise WorkflowError(f"model: {e}") from None
+# The model's dimensions, checked now rather than when the train job builds the model after
+# data preparation (e.g. a causal model's chunk lists); zipasr.model.config loads without torch
+try:
+    MODEL_CONFIG = ZipformerConfig.from_dict(config["model"])
+except (KeyError, TypeError, ValueError) as e:
+    raise WorkflowError(f"model: {e}") from None
 AVG_NAME = model_name(AVG_EPOCH, config["average"]["avg"], config["average"]["use_averaged_model"])
 # ONNX export settings (export.smk); config.yaml has them all, the defaults only cover a config
 # that bypasses it

@@ -2,14 +2,25 @@
 # unless export.onnx is false; `snakemake {exp_dir}/onnx` builds it on demand either way.
 
 
-def export_streaming_args():
+def export_streaming_pair():
     """A causal model exports for sherpa-onnx's OnlineRecognizer, with one chunk size and left
-    context: export.streaming, else the first decode.streaming pair, else icefall's 16 / 128."""
-    if not config["model"].get("causal", False):
-        return ""
+    context: export.streaming, else the first decode.streaming pair, else icefall's 16 / 128.
+    None for a non-causal model."""
+    if not MODEL_CONFIG.causal:
+        return None
     s = EXPORT.get("streaming") or (config["decode"].get("streaming") or [None])[0]
-    chunk, left = (s["chunk_size"], s["left_context_frames"]) if s else (16, 128)
-    return f"--streaming --chunk-size {chunk} --left-context-frames {left}"
+    return (s["chunk_size"], s["left_context_frames"]) if s else (16, 128)
+
+
+EXPORT_PAIR = export_streaming_pair()
+if EXPORT_PAIR:  # checked at load, like decode.streaming
+    from zipasr.errors import ZipasrError
+    from zipasr.model.config import check_chunking
+
+    try:
+        check_chunking(MODEL_CONFIG, *EXPORT_PAIR)
+    except ZipasrError as e:
+        raise WorkflowError(f"export: {e}") from None
 
 
 rule export:
@@ -22,7 +33,8 @@ rule export:
         # what changes the files; export.onnx only decides whether `all` asks for them
         int8="--int8" if EXPORT["int8"] else "--no-int8",
         opset=EXPORT["opset"],
-        streaming=export_streaming_args(),
+        streaming=(f"--streaming --chunk-size {EXPORT_PAIR[0]} --left-context-frames "
+                   f"{EXPORT_PAIR[1]}" if EXPORT_PAIR else ""),
     log:
         f"logs/export/{EXP_NAME}.log",
     benchmark:

@@ -40,37 +40,11 @@ from zipasr.decode.search import (
     beam_advance,
     greedy_advance,
 )
-from zipasr.errors import ZipasrError
+from zipasr.model.config import check_chunking
 
 TAIL_PAD_FRAMES = 30  # icefall's tail padding of a causal model's features (decode.py)
 LOG_EPSILON = math.log(1e-10)  # lhotse's and icefall's padding value of log-mel features
 EMBED_LOOKAHEAD = 7 + 2 * 3  # Conv-Embed's (T - 7) // 2, then ConvNeXt's 3 frames at 50 Hz
-
-
-def check_chunking(config: Any, chunk_size: int, left_context_frames: int) -> None:
-    """ZipasrError unless a model of ``config`` (a ZipformerConfig) can decode with chunks of
-    ``chunk_size`` frames and ``left_context_frames`` of left context.
-
-    Chunks must split evenly into every stack's frame rate; the left context must be whole
-    chunks (what the chunk mask of the simulation can express) and cover every convolution's
-    left half-kernel (icefall's condition ``chunk * left_chunks >= (kernel // 2) * ds``)."""
-    if not config.causal:
-        raise ZipasrError("streaming decoding needs a causal model (model.causal: true); this "
-                          "one sees the whole utterance")
-    ds = tuple(config.downsampling_factor)
-    if chunk_size <= 0 or any(chunk_size % d for d in ds):
-        raise ZipasrError(f"chunk size {chunk_size}: must be a positive multiple of every "
-                          f"downsampling factor {ds} (e.g. {max(ds) * 2})")
-    if left_context_frames <= 0 or left_context_frames % chunk_size:
-        raise ZipasrError(f"left context {left_context_frames} frames: must be a positive "
-                          f"multiple of the chunk size {chunk_size}")
-    kernels = config.cnn_module_kernel
-    kernels = kernels * len(ds) if len(kernels) == 1 else kernels
-    need = max((k // 2) * d for k, d in zip(kernels, ds, strict=True))
-    if left_context_frames < need:
-        raise ZipasrError(f"left context {left_context_frames} frames is shorter than the "
-                          f"convolutions' left context ({need} frames: kernel // 2 x "
-                          "downsampling factor of some stack)")
 
 
 def configure(model: Any, chunk_size: int, left_context_frames: int) -> None:

@@ -108,11 +108,18 @@ def _transcribe(args: argparse.Namespace) -> int:
 
 _EXPORT_EPILOG = """\
 writes into OUT_DIR (replaced whole, never left half-written):
-  encoder.onnx decoder.onnx joiner.onnx tokens.txt       for sherpa-onnx (offline transducer)
+  encoder.onnx decoder.onnx joiner.onnx tokens.txt       for sherpa-onnx's transducer recognizer
   encoder.int8.onnx decoder.int8.onnx joiner.int8.onnx   dynamic int8 (unless --no-int8)
 Each export is checked against the PyTorch model in onnxruntime before it is written.
-Use: sherpa_onnx.OfflineRecognizer.from_transducer(encoder, decoder, joiner, tokens, ...);
-docs/deploy.md has the contract (inputs, outputs, metadata).
+
+A non-causal (offline) model: sherpa_onnx.OfflineRecognizer.from_transducer(...).
+A causal (streaming) model needs --streaming: the encoder then runs one chunk of
+--chunk-size 50 Hz frames (2 x chunk feature frames, 13 more of look-ahead) with
+--left-context-frames of attention history, carrying its caches between calls, for
+sherpa_onnx.OnlineRecognizer.from_transducer(...). sherpa-onnx decodes a chunk only once
+the features reach one frame past it: append about (2 x chunk + 13) x 10 ms of silence
+(0.45 s for chunk 16) before input_finished() so the end of the audio is decoded.
+docs/deploy.md has the contract (inputs, outputs, states, metadata).
 """
 
 
@@ -120,7 +127,8 @@ def _register_export_onnx(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export-onnx", help="export a trained model to ONNX for sherpa-onnx",
         description="Export a Zipformer transducer to ONNX (encoder, decoder, joiner, tokens) "
-                    "for sherpa-onnx's offline recognizer.",
+                    "for sherpa-onnx's offline recognizer, or with --streaming (causal "
+                    "models) for its online (streaming) recognizer.",
         epilog=_EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p, vocab_default="the BPE model's or tokens.txt's")
     src = p.add_mutually_exclusive_group(required=True)
@@ -132,6 +140,18 @@ def _register_export_onnx(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
                    help="also write the int8 models (default: yes)")
     p.add_argument("--opset", type=int, default=13, help="ONNX opset (default 13, as icefall)")
+    stream = p.add_argument_group("streaming (causal models)")
+    stream.add_argument("--streaming", action="store_true",
+                        help="export the chunk-wise streaming encoder for sherpa-onnx's "
+                             "OnlineRecognizer (required for a causal model, refused for a "
+                             "non-causal one)")
+    stream.add_argument("--chunk-size", type=int, default=16,
+                        help="50 Hz frames per chunk: a positive multiple of every "
+                             "downsampling factor (default 16, icefall's; latency grows with it)")
+    stream.add_argument("--left-context-frames", type=int, default=128,
+                        help="50 Hz frames of attention history: a positive multiple of "
+                             "--chunk-size, at least the convolutions' left context (default "
+                             "128, icefall's)")
     p.set_defaults(func=_export_onnx)
 
 
@@ -158,10 +178,16 @@ def _export_onnx(args: argparse.Namespace) -> int:
     if model.config.vocab_size != num_tokens:
         raise ZipasrError(f"model vocab size {model.config.vocab_size} != "
                           f"{num_tokens} tokens in {args.bpe_model or args.tokens}")
-    report = export_onnx(model, args.out_dir, bpe_model=args.bpe_model, tokens=args.tokens,
-                         int8=args.int8, opset=args.opset,
-                         comment=f"non-streaming zipformer2 from {args.model.name} "
-                                 "(zipasr export-onnx)")
+    kind = "streaming" if args.streaming else "non-streaming"
+    common = dict(bpe_model=args.bpe_model, tokens=args.tokens, int8=args.int8, opset=args.opset,
+                  comment=f"{kind} zipformer2 from {args.model.name} (zipasr export-onnx)")
+    if args.streaming:
+        from zipasr.deploy.onnx_streaming import export_onnx_streaming
+
+        report = export_onnx_streaming(model, args.out_dir, chunk_size=args.chunk_size,
+                                       left_context_frames=args.left_context_frames, **common)
+    else:
+        report = export_onnx(model, args.out_dir, **common)
     logging.getLogger("zipasr.deploy").info(
         "exported %s to %s: %s", args.model, report.out_dir, " ".join(report.files))
     print(report.out_dir)

@@ -17,6 +17,10 @@ identities at inference, are replaced by ``nn.Identity`` so nothing random or tr
 reach a traced graph. Graphs come from the TorchScript-based exporter (``dynamo=False``), which
 traces the eval forward with symbolic sizes; every export is checked against the PyTorch model
 on a ragged batch before it is written.
+
+:func:`export_transducer` is the part both exports share (checks, inference copy, tokens.txt,
+decoder, joiner, verification, int8, atomic directory); the streaming export of a causal model
+(:mod:`zipasr.deploy.onnx_streaming`) plugs its chunk-wise encoder into it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,16 +115,25 @@ def inference_copy(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def check_exportable(model: nn.Module) -> None:
+def check_exportable(model: nn.Module, streaming: bool = False) -> None:
+    """Refuse what sherpa-onnx's transducer recognizers cannot run, or what the chosen export
+    (offline, or ``streaming`` for a causal model) does not fit."""
     config = model.config
     if not config.use_transducer:
         raise ZipasrError("the model has no transducer head (use_transducer: false): nothing "
                           "for sherpa-onnx's transducer recognizer to run")
-    if config.causal:
-        raise ZipasrError("the model is causal (streaming); only the offline (non-streaming) "
-                          "export is implemented")
     if config.blank_id != 0:
         raise ZipasrError(f"sherpa-onnx hard-codes blank id 0; the model's is {config.blank_id}")
+    if config.causal and not streaming:
+        raise ZipasrError("the model is causal (a streaming model): use --streaming (zipasr "
+                          "export-onnx --streaming [--chunk-size C --left-context-frames L]) "
+                          "to export it for sherpa-onnx's OnlineRecognizer; the export without "
+                          "--streaming is for non-causal (offline) models")
+    if streaming and not config.causal:
+        raise ZipasrError("--streaming needs a causal model (trained with model.causal: true): "
+                          "this model's encoder attends to the whole utterance and was never "
+                          "trained on chunks, so it cannot run chunk by chunk; export it "
+                          "without --streaming for sherpa-onnx's OfflineRecognizer")
 
 
 # -- export --------------------------------------------------------------------------------
@@ -162,6 +175,9 @@ def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, opset: int,
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*dynamo=False.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # the streaming graph's cache masks use flip (a Slice with step -1), which is left
+        # unfolded: harmless
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
         torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
                           input_names=input_names, output_names=output_names,
                           dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
@@ -204,18 +220,14 @@ def _rel_diff(got: Any, want: Tensor) -> float:
     return float(abs(got - want_np).max()) / scale
 
 
-def _verify(out_dir: Path, encoder: OnnxEncoder, decoder: OnnxDecoder, joiner: OnnxJoiner,
-            feature_dim: int, vocab_size: int, context_size: int) -> dict[str, float]:
-    """Run the fp32 graphs in onnxruntime on inputs other than the traced ones (another
-    length and batch size, padding, the -1 start context) and compare with PyTorch."""
+def _verify_encoder(out_dir: Path, encoder: OnnxEncoder, feature_dim: int
+                    ) -> tuple[float, Tensor]:
+    """Run encoder.onnx in onnxruntime on inputs other than the traced ones (another length
+    and batch size, padding) and compare with PyTorch: (relative difference, the first
+    output frame of each utterance (3, joiner_dim) for the joiner's check)."""
     x, x_lens = _dummy_features(3, 171, feature_dim)
-    y = torch.randint(0, vocab_size, (5, context_size), generator=torch.Generator().manual_seed(1))
-    y[0, :-1] = -1  # the start context [-1, ..., blank]
-    y[0, -1] = 0
     with torch.no_grad():
         enc, enc_lens = encoder(x, x_lens)
-        dec = decoder(y)
-        logit = joiner(enc[:, 0], dec[:3])
     got_enc, got_lens = ort_session(out_dir / "encoder.onnx").run(
         None, {"x": x.numpy(), "x_lens": x_lens.numpy()})
     if got_lens.tolist() != enc_lens.tolist() or got_enc.shape != tuple(enc.shape):
@@ -223,17 +235,25 @@ def _verify(out_dir: Path, encoder: OnnxEncoder, decoder: OnnxDecoder, joiner: O
                           f"{got_enc.shape}, PyTorch {enc_lens.tolist()} / {tuple(enc.shape)}")
     # valid frames only: padded frames are don't-care outputs
     valid = torch.arange(enc.shape[1]).unsqueeze(0) < enc_lens.unsqueeze(1)
-    diffs = {"encoder": _rel_diff(got_enc[valid.numpy()], enc[valid])}
+    return _rel_diff(got_enc[valid.numpy()], enc[valid]), enc[:, 0]
+
+
+def _verify_decoder_joiner(out_dir: Path, decoder: OnnxDecoder, joiner: OnnxJoiner,
+                           encoder_rows: Tensor, vocab_size: int, context_size: int
+                           ) -> dict[str, float]:
+    """decoder.onnx on random contexts and the -1 start context, joiner.onnx on
+    ``encoder_rows`` (R, joiner_dim) of real encoder output, against PyTorch."""
+    y = torch.randint(0, vocab_size, (5, context_size), generator=torch.Generator().manual_seed(1))
+    y[0, :-1] = -1  # the start context [-1, ..., blank]
+    y[0, -1] = 0
+    rows = encoder_rows.shape[0]
+    with torch.no_grad():
+        dec = decoder(y)
+        logit = joiner(encoder_rows, dec[:rows])
     (got_dec,) = ort_session(out_dir / "decoder.onnx").run(None, {"y": y.numpy()})
-    diffs["decoder"] = _rel_diff(got_dec, dec)
     (got_logit,) = ort_session(out_dir / "joiner.onnx").run(
-        None, {"encoder_out": enc[:, 0].numpy(), "decoder_out": dec[:3].numpy()})
-    diffs["joiner"] = _rel_diff(got_logit, logit)
-    bad = {k: v for k, v in diffs.items() if not v <= VERIFY_RTOL}
-    if bad:
-        raise ZipasrError(f"the exported graphs do not reproduce the PyTorch model: relative "
-                          f"difference {bad} > {VERIFY_RTOL}")
-    return diffs
+        None, {"encoder_out": encoder_rows.numpy(), "decoder_out": dec[:rows].numpy()})
+    return {"decoder": _rel_diff(got_dec, dec), "joiner": _rel_diff(got_logit, logit)}
 
 
 def quantize_int8(src: Path, dst: Path, op_types: list[str]) -> None:
@@ -293,15 +313,44 @@ def _chmod_like_mkdir(path: Path) -> None:
     path.chmod(0o777 & ~umask)
 
 
-def export_onnx(model: nn.Module, out_dir: str | Path, *, bpe_model: str | Path | None = None,
-                tokens: str | Path | None = None, int8: bool = True,
-                opset: int = DEFAULT_OPSET, comment: str = "") -> ExportReport:
-    """Export ``model`` (a :class:`~zipasr.model.Transducer`) into ``out_dir``.
+def encoder_metadata(model: nn.Module, comment: str) -> dict[str, str]:
+    """The encoder metadata both exports write: what sherpa-onnx reads to pick the model
+    family (``model_type`` zipformer2, as icefall writes it), icefall's descriptive keys, and
+    ``feature_dim`` / ``joiner_dim`` for humans."""
+    return {"model_type": "zipformer2", "version": "1", "model_author": "zipasr",
+            "comment": comment, "feature_dim": str(model.config.feature_dim),
+            "joiner_dim": str(model.joiner.output_linear.in_features)}
 
-    The directory is built under a temporary name and renamed into place when complete, so an
-    interrupted export leaves no partial ``out_dir`` (a previous one stays until replaced).
-    """
-    check_exportable(model)
+
+# An encoder exporter writes encoder.onnx (with its metadata) into a directory and checks it:
+# (model, directory, opset) -> (relative difference to PyTorch, sample rows
+# (R, joiner_dim) of its output for the joiner's check).
+EncoderExporter = Callable[[nn.Module, Path, int], tuple[float, Tensor]]
+
+
+def _export_offline_encoder(comment: str) -> EncoderExporter:
+    def export(model: nn.Module, out_dir: Path, opset: int) -> tuple[float, Tensor]:
+        encoder = OnnxEncoder(model)
+        x, x_lens = _dummy_features(2, 100, model.config.feature_dim)
+        _export(encoder, (x, x_lens), out_dir / "encoder.onnx", opset, ["x", "x_lens"],
+                ["encoder_out", "encoder_out_lens"],
+                {"x": {0: "N", 1: "T"}, "x_lens": {0: "N"}, "encoder_out": {0: "N", 1: "T_out"},
+                 "encoder_out_lens": {0: "N"}})
+        add_metadata(out_dir / "encoder.onnx", encoder_metadata(
+            model, comment or "non-streaming zipformer2 (zipasr export-onnx)"))
+        return _verify_encoder(out_dir, encoder, model.config.feature_dim)
+
+    return export
+
+
+def export_transducer(model: nn.Module, out_dir: str | Path, export_encoder: EncoderExporter,
+                      *, streaming: bool, bpe_model: str | Path | None = None,
+                      tokens: str | Path | None = None, int8: bool = True,
+                      opset: int = DEFAULT_OPSET) -> ExportReport:
+    """What the offline and the streaming export share: checks, the inference copy,
+    tokens.txt, the decoder and joiner graphs, the check against PyTorch, int8, and the
+    atomic directory; ``export_encoder`` writes the one graph in which they differ."""
+    check_exportable(model, streaming=streaming)
     if opset not in OPSETS:
         raise ZipasrError(f"opset {opset} is not supported: {OPSETS.start}..{OPSETS.stop - 1}")
     try:
@@ -313,7 +362,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, bpe_model: str | Path 
     config = model.config
     out_dir = Path(out_dir)
     model = inference_copy(model).to("cpu")
-    encoder, decoder, joiner = OnnxEncoder(model), OnnxDecoder(model), OnnxJoiner(model)
+    decoder, joiner = OnnxDecoder(model), OnnxJoiner(model)
     vocab_size, context_size = config.vocab_size, config.context_size
     joiner_dim = model.joiner.output_linear.in_features
     files: list[str] = []
@@ -322,17 +371,8 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, bpe_model: str | Path 
         write_tokens_table(tmp / TOKENS_FILE, vocab_size,
                            bpe_model=None if bpe_model is None else Path(bpe_model),
                            tokens=None if tokens is None else Path(tokens))
-        x, x_lens = _dummy_features(2, 100, config.feature_dim)
-        log.info("exporting the encoder (opset %d)", opset)
-        _export(encoder, (x, x_lens), tmp / "encoder.onnx", opset, ["x", "x_lens"],
-                ["encoder_out", "encoder_out_lens"],
-                {"x": {0: "N", 1: "T"}, "x_lens": {0: "N"}, "encoder_out": {0: "N", 1: "T_out"},
-                 "encoder_out_lens": {0: "N"}})
-        add_metadata(tmp / "encoder.onnx", {
-            "model_type": "zipformer2", "version": "1", "model_author": "zipasr",
-            "comment": comment or "non-streaming zipformer2 (zipasr export-onnx)",
-            "feature_dim": str(config.feature_dim), "joiner_dim": str(joiner_dim),
-        })
+        log.info("exporting the %sencoder (opset %d)", "streaming " if streaming else "", opset)
+        encoder_diff, encoder_rows = export_encoder(model, tmp, opset)
         log.info("exporting the decoder and the joiner")
         y = torch.zeros(3, context_size, dtype=torch.int64)
         _export(decoder, (y,), tmp / "decoder.onnx", opset, ["y"], ["decoder_out"],
@@ -345,8 +385,12 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, bpe_model: str | Path 
         add_metadata(tmp / "joiner.onnx", {"joiner_dim": str(joiner_dim)})
         files += [TOKENS_FILE, *FP32_FILES]
 
-        diffs = _verify(tmp, encoder, decoder, joiner, config.feature_dim, vocab_size,
-                        context_size)
+        diffs = {"encoder": encoder_diff, **_verify_decoder_joiner(
+            tmp, decoder, joiner, encoder_rows, vocab_size, context_size)}
+        bad = {k: v for k, v in diffs.items() if not v <= VERIFY_RTOL}
+        if bad:
+            raise ZipasrError(f"the exported graphs do not reproduce the PyTorch model: "
+                              f"relative difference {bad} > {VERIFY_RTOL}")
         log.info("onnxruntime vs PyTorch, relative difference: %s",
                  ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
         if int8:
@@ -358,3 +402,16 @@ def export_onnx(model: nn.Module, out_dir: str | Path, *, bpe_model: str | Path 
     for f in files:
         log.info("wrote %s (%.1f MB)", out_dir / f, (out_dir / f).stat().st_size / 1e6)
     return ExportReport(out_dir, files, opset, diffs)
+
+
+def export_onnx(model: nn.Module, out_dir: str | Path, *, bpe_model: str | Path | None = None,
+                tokens: str | Path | None = None, int8: bool = True,
+                opset: int = DEFAULT_OPSET, comment: str = "") -> ExportReport:
+    """Export ``model`` (a non-causal :class:`~zipasr.model.Transducer`) into ``out_dir`` for
+    sherpa-onnx's offline recognizer.
+
+    The directory is built under a temporary name and renamed into place when complete, so an
+    interrupted export leaves no partial ``out_dir`` (a previous one stays until replaced).
+    """
+    return export_transducer(model, out_dir, _export_offline_encoder(comment), streaming=False,
+                             bpe_model=bpe_model, tokens=tokens, int8=int8, opset=opset)

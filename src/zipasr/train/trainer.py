@@ -174,7 +174,7 @@ class Trainer:
         mc["vocab_size"] = self.sp.get_piece_size()
         try:
             self.model_config = ZipformerConfig.from_dict(mc)
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise ZipasrError(f"model config: {e}") from e
         torch.manual_seed(cfg.seed)
         self.model = Transducer(self.model_config).to(self.device)
