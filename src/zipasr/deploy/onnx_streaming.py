@@ -26,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from zipasr.decode.streaming import check_chunking
 from zipasr.deploy.onnx_export import (
     DEFAULT_OPSET,
     EncoderExporter,
@@ -40,6 +39,7 @@ from zipasr.deploy.onnx_export import (
     ort_session,
 )
 from zipasr.errors import ZipasrError
+from zipasr.model.config import check_chunking
 
 # icefall's defaults for export-onnx-streaming.py (50 Hz frames)
 DEFAULT_CHUNK_SIZE = 16
