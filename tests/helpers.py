@@ -111,23 +111,37 @@ def build_tiny_corpus(root: Path, num_train: int) -> dict[str, Path]:
 
 
 def peaky_xs_model(features, vocab_size: int, causal: bool = False):
-    """An untrained xs Transducer (seed 0, eval mode) whose greedy and beam hypotheses are
-    non-empty and depend on the audio: a fresh model is nearly uniform and its encoder output is
-    dominated by a constant, so the joiner is made peaky and its encoder projection centred on
-    the mean encoder output of ``features`` (a list of (T, 80) float tensors). ``causal``: the
-    streaming variant, left set to whole-utterance attention."""
+    """An untrained xs Transducer (seed 0, eval mode) made peaky (:func:`make_peaky`).
+    ``causal``: the streaming variant, left set to whole-utterance attention."""
     import torch
 
     from zipasr.model import Transducer
 
     torch.manual_seed(0)
     model = Transducer.from_preset("xs", vocab_size=vocab_size, causal=causal).eval()
-    if causal:
+    return make_peaky(model, features, quiet_specials=False)
+
+
+def make_peaky(model, features, quiet_specials: bool = True):
+    """``model`` (in place, returned) with greedy and beam hypotheses that are non-empty and
+    depend on the audio: an untrained or barely trained model is nearly uniform and its encoder
+    output dominated by a constant, so the joiner is made peaky and its encoder projection
+    centred on the mean encoder output of ``features`` (a list of (T, 80) float tensors).
+    With ``quiet_specials`` <sos/eos> and <unk> (ids 1, 2) are never emitted, as by a trained
+    model (sherpa-onnx takes <unk> for blank). A causal model is left seeing whole utterances.
+    Draws from torch's global generator."""
+    import torch
+
+    model.eval()
+    if model.config.causal:
         model.encoder.chunk_size, model.encoder.left_context_frames = [-1], [-1]
     with torch.no_grad():
-        model.joiner.output_linear.weight.normal_(0, 1.5)
-        model.joiner.output_linear.bias.zero_()
-        model.joiner.output_linear.bias[0] = 2.0
+        out = model.joiner.output_linear
+        out.weight.normal_(0, 1.5)
+        out.bias.zero_()
+        out.bias[0] = 2.0
+        if quiet_specials:
+            out.bias[1:3] = -30.0
         enc = torch.cat([model.forward_encoder(x[None], torch.tensor([x.shape[0]]))[0][0]
                          for x in features])
         proj = model.joiner.encoder_proj

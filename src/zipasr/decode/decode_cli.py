@@ -31,6 +31,24 @@ def model_config_of(args: argparse.Namespace) -> dict | None:
     return cfg
 
 
+def add_streaming_arguments(p: argparse.ArgumentParser) -> None:
+    """How a causal model decodes (decode and transcribe); ``streaming_of`` reads them."""
+    g = p.add_argument_group(
+        "causal (streaming) models",
+        "Without these a causal model sees whole utterances. --chunk-size alone simulates "
+        "streaming (one forward with the chunk mask); --streaming decodes chunk by chunk "
+        "with cached states, as a live stream is decoded. Both decode the same frames and "
+        "give the same tokens (to rounding).")
+    g.add_argument("--streaming", action="store_true", help="chunk-wise streaming decoding")
+    g.add_argument("--chunk-size", type=int, default=None,
+                   help="chunk in 50 Hz frames (16 = 320 ms; default with --streaming: 16)")
+    g.add_argument("--left-context-frames", type=int, default=None,
+                   help="left context in 50 Hz frames, whole chunks (default: 8 chunks)")
+    g.add_argument("--num-streams", type=int, default=50,
+                   help="utterances decoded together chunk-wise (icefall's "
+                        "--num-decode-streams)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("average", help="average checkpoints of a training run into one model")
     p.add_argument("--exp-dir", type=Path, required=True)
@@ -56,20 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--beam", "--beam-size", dest="beam", type=int, default=4)
     p.add_argument("--max-duration", type=float, default=300.0,
                    help="seconds of audio per batch")
-    g = p.add_argument_group(
-        "causal (streaming) models",
-        "Without these a causal model sees whole utterances. --chunk-size alone simulates "
-        "streaming (one forward with the chunk mask); --streaming decodes chunk by chunk "
-        "with cached states, as a live stream is decoded. Both decode the same frames and "
-        "give the same tokens (to rounding).")
-    g.add_argument("--streaming", action="store_true", help="chunk-wise streaming decoding")
-    g.add_argument("--chunk-size", type=int, default=None,
-                   help="chunk in 50 Hz frames (16 = 320 ms; default with --streaming: 16)")
-    g.add_argument("--left-context-frames", type=int, default=None,
-                   help="left context in 50 Hz frames, whole chunks (default: 8 chunks)")
-    g.add_argument("--num-streams", type=int, default=50,
-                   help="utterances decoded together chunk-wise (icefall's "
-                        "--num-decode-streams)")
+    add_streaming_arguments(p)
     p.add_argument("--result-dir", type=Path, required=True)
     p.add_argument("--suffix", default=None, help="appended to the result file names")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
@@ -131,7 +136,7 @@ def _decode(args: argparse.Namespace) -> int:
     summaries = decode_and_score(
         model, sp, args.cuts, args.result_dir, method=args.method, beam=args.beam,
         max_duration=args.max_duration, suffix=args.suffix, test_sets=args.test_set,
-        device=device, progress=args.progress, streaming=_streaming_of(args),
+        device=device, progress=args.progress, streaming=streaming_of(args),
     )
     for s in summaries:
         line = (f"{s.test_set}\t{s.key}\tWER {s.stats.wer:.2f}% [{s.stats.errors} / "
@@ -142,7 +147,7 @@ def _decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _streaming_of(args: argparse.Namespace):
+def streaming_of(args: argparse.Namespace):
     """The ``Streaming`` settings of decode's options, or None (whole utterances)."""
     from zipasr.decode.decode import Streaming
     from zipasr.errors import ZipasrError

@@ -8,7 +8,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from zipasr.decode.decode_cli import add_model_arguments, model_config_of
+from zipasr.decode.decode_cli import (
+    add_model_arguments,
+    add_streaming_arguments,
+    model_config_of,
+    streaming_of,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +38,8 @@ audio: WAV, FLAC, OGG, MP3 (libsndfile) and what else lhotse's backends read, an
 rate (resampled to 16 kHz) and channel count (averaged to mono). Features are the training
 features: lhotse Fbank, 10 ms shift, no dither, the model's number of mel bins. Each file
 is decoded whole (no chunking; attention memory grows with the square of its length): split
-recordings longer than a few minutes first.
+recordings longer than a few minutes first. A causal (streaming) model decodes any length
+chunk by chunk with --streaming (docs/streaming.md).
 
 errors: a missing, empty or undecodable file is named on stderr and skipped; the others are
 still transcribed. Exit status: 0 if every file was transcribed, 2 if any failed (or the
@@ -61,6 +67,7 @@ def _register_transcribe(sub: argparse._SubParsersAction) -> None:
                    help="batch consecutive files while (files x longest) <= this many seconds; "
                         "default 0: one file at a time, so a file's transcript does not depend "
                         "on the other files (padding in a batch can shift near-ties)")
+    add_streaming_arguments(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
     p.set_defaults(func=_transcribe)
@@ -86,7 +93,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     transcriber = load_transcriber(args.model, args.bpe_model, model_config=model_config_of(args),
                                    vocab_size=args.vocab_size, method=args.method,
-                                   beam=args.beam, device=device)
+                                   beam=args.beam, device=device, streaming=streaming_of(args))
 
     def on_result(t: Transcript) -> None:
         print(format_json(t) if args.json else t.line(), flush=True)

@@ -309,7 +309,7 @@ def transcribe_files(transcriber: Transcriber, paths: Sequence[str], *,
 
 def load_transcriber(model_path: Path, bpe_model: Path, *, model_config: dict | None = None,
                      vocab_size: int | None = None, method: str = "greedy_search", beam: int = 4,
-                     device: str | torch.device = "cpu") -> Transcriber:
+                     device: str | torch.device = "cpu", streaming: Any = None) -> Transcriber:
     """Load the model (``zipasr decode``'s loader: checkpoint, averaged model or icefall's
     pretrained.pt with a config) and the BPE model; check that their vocabularies agree."""
     import sentencepiece as spm
@@ -324,7 +324,7 @@ def load_transcriber(model_path: Path, bpe_model: Path, *, model_config: dict | 
     if model.config.vocab_size != sp.get_piece_size():
         raise ZipasrError(f"model vocab size {model.config.vocab_size} != BPE model's "
                           f"{sp.get_piece_size()} ({bpe_model})")
-    return Transcriber(model, sp, method=method, beam=beam, device=device)
+    return Transcriber(model, sp, method=method, beam=beam, device=device, streaming=streaming)
 
 
 def format_json(t: Transcript) -> str:
