@@ -9,6 +9,12 @@ I/O is timed), one at a time, as a deployed recognizer would:
 * ``sherpa fp32`` / ``sherpa int8``: sherpa-onnx 2.0.1's ``OfflineRecognizer`` on
   ``{onnx_dir}/{encoder,decoder,joiner}[.int8].onnx`` (its own fbank, onnxruntime).
 
+With ``--streaming`` (a causal model exported with ``zipasr export-onnx --streaming``): zipasr
+decodes chunk by chunk (``zipasr decode --streaming``'s ``ChunkwiseDecoder``, one stream) at the
+export's chunk size and left context, and sherpa-onnx's ``OnlineRecognizer`` is fed the audio
+in 0.1 s pieces, then (2 x chunk + 13) x 10 ms + 50 ms of silence (sherpa decodes only whole
+chunks) and ``input_finished()``.
+
 Greedy search and modified beam search (beam / max_active_paths ``--beam``). Configurations run
 round-robin ``--reps`` times, so load from other processes hits all of them alike; medians are
 reported with the load average before and after. WER is against the cuts' transcripts; the
@@ -37,7 +43,8 @@ import torch
 METHODS = ("greedy_search", "modified_beam_search")
 
 
-def pytorch_transcriber(model_path: Path, bpe_model: Path, method: str, beam: int
+def pytorch_transcriber(model_path: Path, bpe_model: Path, method: str, beam: int,
+                        streaming: tuple[int, int] | None = None
                         ) -> Callable[[np.ndarray], list[str]]:
     import sentencepiece as spm
     from lhotse import Fbank, FbankConfig
@@ -49,6 +56,18 @@ def pytorch_transcriber(model_path: Path, bpe_model: Path, method: str, beam: in
     model = load_model(model_path, vocab_size=sp.get_piece_size())
     fbank = Fbank(FbankConfig(num_mel_bins=80, frame_shift=0.01, dither=0.0))
 
+    if streaming is not None:
+        from zipasr.decode.streaming import ChunkwiseDecoder
+
+        decoder = ChunkwiseDecoder(model, *streaming, method=method, beam=beam, num_streams=1)
+
+        def transcribe_chunkwise(wave: np.ndarray) -> list[str]:
+            x = torch.from_numpy(fbank.extract(wave, 16000))
+            ((_, hyp),) = decoder.decode([(0, x)])
+            return sp.decode(hyp.tokens).split()
+
+        return transcribe_chunkwise
+
     @torch.inference_mode()
     def transcribe(wave: np.ndarray) -> list[str]:
         x = torch.from_numpy(fbank.extract(wave, 16000)).unsqueeze(0)
@@ -59,16 +78,36 @@ def pytorch_transcriber(model_path: Path, bpe_model: Path, method: str, beam: in
     return transcribe
 
 
-def sherpa_transcriber(onnx_dir: Path, method: str, beam: int, int8: bool
+def sherpa_transcriber(onnx_dir: Path, method: str, beam: int, int8: bool,
+                       streaming: tuple[int, int] | None = None
                        ) -> Callable[[np.ndarray], list[str]]:
     import sherpa_onnx
 
     suffix = ".int8" if int8 else ""
-    rec = sherpa_onnx.OfflineRecognizer.from_transducer(
+    cls = sherpa_onnx.OnlineRecognizer if streaming else sherpa_onnx.OfflineRecognizer
+    rec = cls.from_transducer(
         encoder=str(onnx_dir / f"encoder{suffix}.onnx"),
         decoder=str(onnx_dir / f"decoder{suffix}.onnx"),
         joiner=str(onnx_dir / f"joiner{suffix}.onnx"), tokens=str(onnx_dir / "tokens.txt"),
         num_threads=1, decoding_method=method, max_active_paths=beam)
+
+    if streaming is not None:
+        silence = np.zeros(round(((2 * streaming[0] + 13) * 0.01 + 0.05) * 16000), np.float32)
+        piece = 1600  # 0.1 s
+
+        def transcribe_online(wave: np.ndarray) -> list[str]:
+            s = rec.create_stream()
+            audio = np.concatenate([wave, silence])
+            for start in range(0, len(audio), piece):
+                s.accept_waveform(16000, audio[start:start + piece])
+                while rec.is_ready(s):
+                    rec.decode_stream(s)
+            s.input_finished()
+            while rec.is_ready(s):
+                rec.decode_stream(s)
+            return rec.get_result(s).split()
+
+        return transcribe_online
 
     def transcribe(wave: np.ndarray) -> list[str]:
         s = rec.create_stream()
@@ -89,7 +128,17 @@ def main() -> int:
     ap.add_argument("--beam", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None, help="also write the table here")
+    ap.add_argument("--streaming", action="store_true",
+                    help="a streaming export: chunk-wise zipasr vs sherpa's OnlineRecognizer")
     args = ap.parse_args()
+    streaming = None
+    if args.streaming:
+        from zipasr.deploy.onnx_export import read_metadata
+
+        meta = read_metadata(args.onnx_dir / "encoder.onnx")
+        # metadata: feature frames per chunk, and the first stack's (50 Hz) left context
+        streaming = (int(meta["decode_chunk_len"]) // 2,
+                     int(meta["left_context_len"].split(",")[0]))
 
     from lhotse import CutSet
 
@@ -106,11 +155,11 @@ def main() -> int:
     configs: dict[tuple[str, str], Callable[[np.ndarray], list[str]]] = {}
     for method in METHODS:
         configs[(method, "zipasr")] = pytorch_transcriber(args.model, args.bpe_model, method,
-                                                           args.beam)
+                                                           args.beam, streaming)
         configs[(method, "sherpa fp32")] = sherpa_transcriber(args.onnx_dir, method,
-                                                              args.beam, False)
+                                                              args.beam, False, streaming)
         configs[(method, "sherpa int8")] = sherpa_transcriber(args.onnx_dir, method,
-                                                              args.beam, True)
+                                                              args.beam, True, streaming)
     for transcribe in configs.values():  # warm-up (first-call allocations, lazy inits)
         transcribe(waves[0])
 
@@ -127,7 +176,9 @@ def main() -> int:
     lines = [
         f"Command: `python benchmarks/deploy.py {' '.join(sys.argv[1:])}`",
         "",
-        f"{len(waves)} utterances, {audio:.1f} s of audio; batch 1, 1 thread; torch "
+        (f"streaming: chunk {streaming[0]}, left context {streaming[1]} (50 Hz frames); "
+         if streaming else "")
+        + f"{len(waves)} utterances, {audio:.1f} s of audio; batch 1, 1 thread; torch "
         f"{torch.__version__}, {platform.machine()}, {os.cpu_count()} cores; medians of "
         f"{args.reps} round-robin reps; load average (1 min) {load_before:.2f} before, "
         f"{load_after:.2f} after",
