@@ -36,6 +36,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/decode.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/track.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -44,6 +45,7 @@ rule all:
         lang_files(),
         f"{EXP}/wer.tsv",
         [f"{EXP}/onnx"] if EXPORT["onnx"] else [],
+        rules.plots.output,
     default_target: True
 
 

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "zipasr.model.cli",
     "zipasr.deploy.cli",
     "zipasr.track.cli",
+    "zipasr.track.plots",
 )
 
 
