@@ -15,6 +15,7 @@ from zipasr.model.attention import (
     SelfAttention,
     rel_to_abs,
 )
+from zipasr.model.config import ZipformerConfig
 from zipasr.model.conv import ChunkCausalDepthwiseConv1d, ConvolutionModule
 from zipasr.model.decoder import Decoder
 from zipasr.model.joiner import Joiner
@@ -265,9 +266,10 @@ def test_conv2d_subsampling_lengths_and_flatten_order():
 
 
 def test_stack_output_combination():
-    z = Zipformer2(downsampling_factor=(1, 2, 4, 8, 4, 2), encoder_dim=(8, 12, 16, 20, 16, 12),
-                   encoder_unmasked_dim=8, num_encoder_layers=1, num_heads=2, query_head_dim=4,
-                   value_head_dim=2, feedforward_dim=16, cnn_module_kernel=3, pos_dim=4)
+    z = Zipformer2(ZipformerConfig(
+        downsampling_factor=(1, 2, 4, 8, 4, 2), encoder_dim=(8, 12, 16, 20, 16, 12),
+        encoder_unmasked_dim=8, num_encoder_layers=1, num_heads=2, query_head_dim=4,
+        value_head_dim=2, feedforward_dim=16, cnn_module_kernel=3, pos_dim=4))
     outputs = [torch.full((3, 1, d), float(i)) for i, d in enumerate(z.encoder_dim)]
     full = z._get_full_dim_output(outputs)[0, 0]
     # channels 0:12 from stack 5, 12:16 from stack 4, 16:20 from stack 3
@@ -275,9 +277,10 @@ def test_stack_output_combination():
 
 
 def test_feature_masks_per_sequence():
-    z = Zipformer2(downsampling_factor=(1, 2), encoder_dim=(8, 12), encoder_unmasked_dim=(4, 6),
-                   num_encoder_layers=1, num_heads=2, query_head_dim=4, value_head_dim=2,
-                   feedforward_dim=16, cnn_module_kernel=3, pos_dim=4)
+    z = Zipformer2(ZipformerConfig(
+        downsampling_factor=(1, 2), encoder_dim=(8, 12), encoder_unmasked_dim=(4, 6),
+        num_encoder_layers=1, num_heads=2, query_head_dim=4, value_head_dim=2,
+        feedforward_dim=16, cnn_module_kernel=3, pos_dim=4))
     z.eval()
     assert z.get_feature_masks(torch.zeros(5, 3, 8)) == [1.0, 1.0]
     z.train()

@@ -73,25 +73,7 @@ class Transducer(nn.Module):
             layer1_channels=c.embed_channels[0], layer2_channels=c.embed_channels[1],
             layer3_channels=c.embed_channels[2],
         )
-        self.encoder = Zipformer2(
-            output_downsampling_factor=2,
-            downsampling_factor=c.downsampling_factor,
-            num_encoder_layers=c.num_encoder_layers,
-            encoder_dim=c.encoder_dim,
-            encoder_unmasked_dim=c.encoder_unmasked_dim,
-            query_head_dim=c.query_head_dim,
-            pos_head_dim=c.pos_head_dim,
-            value_head_dim=c.value_head_dim,
-            pos_dim=c.pos_dim,
-            num_heads=c.num_heads,
-            feedforward_dim=c.feedforward_dim,
-            cnn_module_kernel=c.cnn_module_kernel,
-            dropout=ScheduledFloat((0.0, 0.3), (20000.0, 0.1)),
-            warmup_batches=c.warmup_batches,
-            causal=c.causal,
-            chunk_size=c.chunk_size,
-            left_context_frames=c.left_context_frames,
-        )
+        self.encoder = Zipformer2(c)
         encoder_dim = c.output_dim
         self.use_transducer = c.use_transducer
         if c.use_transducer:

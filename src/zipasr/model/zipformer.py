@@ -21,6 +21,7 @@ from .attention import (
     RelPositionMultiheadAttentionWeights,
     SelfAttention,
 )
+from .config import ZipformerConfig
 from .conv import ConvolutionModule
 from .scaling import (
     ActivationDropoutAndLinear,
@@ -220,8 +221,9 @@ class Zipformer2EncoderLayer(nn.Module):
         if self.training and random.random() < float(self.const_attention_rate):
             # Replace head 0 by a uniform average over the unmasked keys, to encourage an
             # averaging-over-time behaviour of NLA. (icefall's current code guards this
-            # with `not self.training`, which makes it dead code; the spec states the
-            # intended training-time behaviour, which is what is done here.)
+            # with `not self.training`, which makes it dead code; its rate is a schedule of
+            # the training batch count, 0.25 falling to 0.025 by batch 4000, so it is drawn
+            # in training here: docs/design.md lists this departure.)
             selected = (selected > 0.0).to(selected.dtype)
             selected = selected * (1.0 / selected.sum(dim=-1, keepdim=True))
 
@@ -456,9 +458,8 @@ class DownsampledZipformer2Encoder(nn.Module):
         return self.out_combiner(src_orig, src), new_states
 
 
-def _to_tuple(x: int | Sequence[int], n: int) -> tuple[int, ...]:
-    if isinstance(x, int):
-        return (x,) * n
+def _to_tuple(x: Sequence[int], n: int) -> tuple[int, ...]:
+    """A per-stack field of the config (one entry, or one per stack) as one entry per stack."""
     x = tuple(x)
     if len(x) == 1:
         return x * n
@@ -470,50 +471,40 @@ class Zipformer2(nn.Module):
     """The Zipformer encoder: (T, N, encoder_dim[0]) at 50 Hz -> ((T + 1) // 2, N,
     max(encoder_dim)) at 25 Hz.
 
-    Per-stack arguments may be an int (same for all stacks) or one value per stack.
-    With ``causal=True`` each forward picks a chunk size from ``chunk_size`` and a left
-    context from ``left_context_frames`` (both in 50 Hz frames; -1 = unlimited) and uses a
-    chunk-wise causal attention mask and chunk-causal convolutions.
+    Built from a :class:`~zipasr.model.config.ZipformerConfig`, the one place the dimensions
+    and their defaults live; per-stack fields with one entry apply to every stack.
+    With ``config.causal`` each training forward picks a chunk size from ``chunk_size`` and a
+    left context from ``left_context_frames`` (both in 50 Hz frames; -1 = unlimited) and uses
+    a chunk-wise causal attention mask and chunk-causal convolutions. Those two lists are
+    copied to attributes of the same names, which streaming decoding and the ONNX export set
+    to the one chunk they run with.
     """
 
-    def __init__(
-        self,
-        output_downsampling_factor: int = 2,
-        downsampling_factor: Sequence[int] = (2, 4),
-        encoder_dim: int | Sequence[int] = 384,
-        num_encoder_layers: int | Sequence[int] = 4,
-        encoder_unmasked_dim: int | Sequence[int] = 256,
-        query_head_dim: int | Sequence[int] = 24,
-        pos_head_dim: int | Sequence[int] = 4,
-        value_head_dim: int | Sequence[int] = 12,
-        num_heads: int | Sequence[int] = 8,
-        feedforward_dim: int | Sequence[int] = 1536,
-        cnn_module_kernel: int | Sequence[int] = 31,
-        pos_dim: int = 192,
-        dropout: FloatLike | None = None,
-        warmup_batches: float = 4000.0,
-        causal: bool = False,
-        chunk_size: Sequence[int] = (-1,),
-        left_context_frames: Sequence[int] = (-1,),
-    ):
+    # icefall's fixed final downsampling (50 Hz -> 25 Hz); forward relies on it
+    output_downsampling_factor = 2
+
+    def __init__(self, config: ZipformerConfig, dropout: FloatLike | None = None):
+        """``dropout``: of every layer; default icefall's schedule, 0.3 falling to 0.1 over
+        the first 20,000 (ref-duration-adjusted) batches."""
         super().__init__()
         if dropout is None:
             dropout = ScheduledFloat((0.0, 0.3), (20000.0, 0.1))
-        n = len(downsampling_factor)
-        self.output_downsampling_factor = output_downsampling_factor
-        self.downsampling_factor = tuple(downsampling_factor)
-        self.encoder_dim = encoder_dim = _to_tuple(encoder_dim, n)
-        self.encoder_unmasked_dim = encoder_unmasked_dim = _to_tuple(encoder_unmasked_dim, n)
-        self.num_encoder_layers = num_encoder_layers = _to_tuple(num_encoder_layers, n)
-        self.query_head_dim = query_head_dim = _to_tuple(query_head_dim, n)
-        self.value_head_dim = value_head_dim = _to_tuple(value_head_dim, n)
-        pos_head_dim = _to_tuple(pos_head_dim, n)
-        self.num_heads = num_heads = _to_tuple(num_heads, n)
-        feedforward_dim = _to_tuple(feedforward_dim, n)
-        self.cnn_module_kernel = cnn_module_kernel = _to_tuple(cnn_module_kernel, n)
-        self.causal = causal
-        self.chunk_size = list(chunk_size)
-        self.left_context_frames = list(left_context_frames)
+        c = config
+        n = len(c.downsampling_factor)
+        self.downsampling_factor = downsampling_factor = tuple(c.downsampling_factor)
+        self.encoder_dim = encoder_dim = _to_tuple(c.encoder_dim, n)
+        self.encoder_unmasked_dim = encoder_unmasked_dim = _to_tuple(c.encoder_unmasked_dim, n)
+        self.num_encoder_layers = num_encoder_layers = _to_tuple(c.num_encoder_layers, n)
+        self.query_head_dim = query_head_dim = _to_tuple(c.query_head_dim, n)
+        self.value_head_dim = value_head_dim = _to_tuple(c.value_head_dim, n)
+        pos_head_dim = _to_tuple(c.pos_head_dim, n)
+        self.num_heads = num_heads = _to_tuple(c.num_heads, n)
+        feedforward_dim = _to_tuple(c.feedforward_dim, n)
+        self.cnn_module_kernel = cnn_module_kernel = _to_tuple(c.cnn_module_kernel, n)
+        self.causal = causal = c.causal
+        self.chunk_size = list(c.chunk_size)
+        self.left_context_frames = list(c.left_context_frames)
+        pos_dim, warmup_batches = c.pos_dim, c.warmup_batches
         for u, d in zip(encoder_unmasked_dim, encoder_dim, strict=True):
             assert u <= d
 
@@ -540,7 +531,7 @@ class Zipformer2(nn.Module):
             encoders.append(encoder)
         self.encoders = nn.ModuleList(encoders)
         self.downsample_output = SimpleDownsample(
-            max(encoder_dim), downsample=output_downsampling_factor, dropout=dropout
+            max(encoder_dim), downsample=self.output_downsampling_factor, dropout=dropout
         )
 
     def get_feature_masks(self, x: Tensor) -> list[Tensor] | list[float]:
