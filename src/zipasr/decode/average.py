@@ -25,23 +25,16 @@ from torch import Tensor
 
 from zipasr.errors import ZipasrError
 
+# The one reader of checkpoint files (train and decode alike), re-exported: decode.py imports
+# it from here.
+from zipasr.train.checkpoint import load_checkpoint
+
+__all__ = ["average_checkpoints", "average_exp_dir", "average_state_dicts",
+           "average_with_averaged_model", "load_checkpoint", "strip_ddp_prefix"]
+
 log = logging.getLogger(__name__)
 
 _CKPT = re.compile(r"^checkpoint-(\d+)\.pt$")
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint dict on CPU (trainer files hold RNG states, so not weights_only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ZipasrError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ZipasrError(f"cannot read checkpoint {path}: {e}") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ZipasrError(f"{path} is not a checkpoint (no 'model' state dict)")
-    return ckpt
 
 
 def strip_ddp_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -5,6 +5,11 @@ A checkpoint is a dict: ``model`` (state dict), ``model_avg`` (float64 running a
 icefall's params flattened at the top level (``batch_idx_train``, ``cur_epoch``,
 ``average_period``, ...), so icefall's tools and ours read each other's files.
 
+Every checkpoint file in the project is opened by :func:`load_checkpoint` here: training's
+resume, checkpoint averaging and loading a model to decode, transcribe or export (through
+``zipasr.decode.decode.load_model``). It raises :class:`CheckpointError` (a ZipasrError, so the
+CLI prints it as one line) for a missing, unreadable or incomplete file.
+
 Resuming (:func:`resume`) falls back past a truncated, garbled or missing newest file to the
 newest usable one with a warning (the trainer then sets the bad file aside as
 ``<name>.corrupt``); it stops with an error, and touches nothing, when no file is usable.
@@ -40,8 +45,51 @@ def save(path: Path, checkpoint: dict[str, Any]) -> None:
     log.info("saved %s", path)
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=map_location, weights_only=False)
+class CheckpointError(ZipasrError):
+    """A checkpoint file that cannot be used: missing, unreadable, or lacking what is needed.
+
+    ``reason`` says what is wrong without the path (for lists of files): "does not exist",
+    the reading error as ``Type: first line``, or "missing optimizer, scheduler"."""
+
+    def __init__(self, path: Path, message: str, reason: str):
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
+
+
+def load_checkpoint(path: str | Path, *, required: Iterable[str] = ("model",),
+                    map_location: str | torch.device = "cpu", mmap: bool = False
+                    ) -> dict[str, Any]:
+    """The checkpoint dict in ``path``, which must hold the ``required`` keys.
+
+    Trainer files hold RNG and sampler states, so this is not a ``weights_only`` load.
+    ``mmap=True`` maps the tensors instead of reading them (cheap for a look at the scalars of
+    a large file); a file in torch's old, non-zip format is then read whole. Raises
+    :class:`CheckpointError` for a missing file, one torch cannot read, one that is not a dict
+    and one without a required key; a MemoryError is not the file's fault and propagates."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, f"checkpoint {path} does not exist", "does not exist")
+    try:
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or "mmap" not in str(e):  # only the old format cannot be mapped
+                raise
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise CheckpointError(path, f"cannot read checkpoint {path}: {e}", _why(e)) from e
+    if not isinstance(ckpt, dict):
+        why = f"holds a {type(ckpt).__name__}, not a checkpoint dict"
+        raise CheckpointError(path, f"{path} is not a checkpoint: it {why}", why)
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        why = f"missing {', '.join(missing)}"
+        detail = " (no 'model' state dict)" if "model" in missing else f": {why}"
+        raise CheckpointError(path, f"{path} is not a checkpoint{detail}", why)
+    return ckpt
 
 
 def list_checkpoints(exp_dir: Path, kind: str) -> list[tuple[int, Path]]:
@@ -55,7 +103,10 @@ def list_checkpoints(exp_dir: Path, kind: str) -> list[tuple[int, Path]]:
 
 
 def _why(e: BaseException) -> str:
-    """An exception in one line (torch's unpickling errors run over several)."""
+    """An exception in one line (torch's unpickling errors run over several); for a
+    CheckpointError, its reason (the underlying error's type and first line)."""
+    if isinstance(e, CheckpointError):
+        return e.reason
     first = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {first[:300]}"
 
@@ -63,13 +114,7 @@ def _why(e: BaseException) -> str:
 def _peek_batch_idx(path: Path) -> int:
     """``batch_idx_train`` of a checkpoint, memory-mapped: the tensors are not read, so ordering
     fifty 1 GB files costs little. A file that fails this would fail a full load too."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):  # only the old (non-zip) format cannot be mapped
-            raise
-        state = load(path)
-    return int(state["batch_idx_train"])
+    return int(load_checkpoint(path, required=("batch_idx_train",), mmap=True)["batch_idx_train"])
 
 
 @dataclass
@@ -97,14 +142,13 @@ def resume(exp_dir: Path, apply: Callable[[Path, dict[str, Any]], None],
 
     def attempt(path: Path) -> bool:
         try:
-            state = load(path)
-            if not isinstance(state, dict):
-                raise TypeError(f"holds a {type(state).__name__}, not a checkpoint dict")
-            missing = [k for k in required if k not in state]
-            if missing:
-                raise KeyError(f"missing {', '.join(missing)}")
-            apply(path, state)
+            apply(path, load_checkpoint(path, required=required))
             return True
+        except CheckpointError as e:  # the file: try the next older one
+            skipped.append((path, _why(e)))
+            log.warning("cannot resume from checkpoint %s (%s); trying an older one", path,
+                        skipped[-1][1])
+            return False
         except (ZipasrError, MemoryError):
             raise  # a stop, or not the file's fault: an older file would not fare better
         except Exception as e:  # any other failure: try the next older file
