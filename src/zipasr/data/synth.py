@@ -50,6 +50,7 @@ from zipasr.io import atomic_path, write_text_atomic
 
 __all__ = [
     "ACCENTS",
+    "DEFAULT_SIZES",
     "SHARD_SIZE",
     "SPLITS",
     "VARIANTS",
@@ -65,6 +66,11 @@ __all__ = [
 ]
 
 SPLITS = ("train", "dev", "test")
+# Utterances per split of the default corpus (9.5 h of training speech). These are the defaults
+# of plan_corpus, synthesize_corpus and `zipasr synth`; config/config.yaml's corpus.synth gives
+# the DAG the same numbers (tests/test_config_schema_fields.py holds them equal), and the
+# schema gives none.
+DEFAULT_SIZES = {"num_train": 16500, "num_dev": 300, "num_test": 300}
 SHARD_SIZE = 200  # a fresh interpreter per shard costs ~0.4 s CPU: keep shards few
 ESPEAK_RATE = 22050
 # Bump when a change alters the audio bytes, so reruns do not reuse stale shards.
@@ -253,7 +259,8 @@ def split_voices(seed: int, accents: Sequence[str] = ACCENTS,
     raise VoiceError("cannot hold out voices and keep every accent and variant in training")
 
 
-def plan_corpus(seed: int = 0, num_train: int = 2600, num_dev: int = 300, num_test: int = 300,
+def plan_corpus(seed: int = 0, num_train: int = DEFAULT_SIZES["num_train"],
+                num_dev: int = DEFAULT_SIZES["num_dev"], num_test: int = DEFAULT_SIZES["num_test"],
                 prefix: str = "synth", accents: Sequence[str] = ACCENTS,
                 variants: Sequence[str] = VARIANTS) -> dict[str, list[Utterance]]:
     """Every utterance of the corpus, decided up front (cheap, in this process).
@@ -394,7 +401,9 @@ def _write_manifest(items, path: Path) -> None:
 
 
 def synthesize_corpus(audio_dir: Path, manifest_dir: Path, *, seed: int = 0,
-                      num_train: int = 2600, num_dev: int = 300, num_test: int = 300,
+                      num_train: int = DEFAULT_SIZES["num_train"],
+                      num_dev: int = DEFAULT_SIZES["num_dev"],
+                      num_test: int = DEFAULT_SIZES["num_test"],
                       sample_rate: int = 16000, num_jobs: int = 1, prefix: str = "synth",
                       progress: bool = True, accents: Sequence[str] = ACCENTS,
                       variants: Sequence[str] = VARIANTS) -> dict[str, dict[str, Path]]:

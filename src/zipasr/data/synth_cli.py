@@ -20,9 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="FLAC files go to AUDIO_DIR/{train,dev,test}/")
     p.add_argument("--manifest-dir", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-train", type=int, default=2600)
-    p.add_argument("--num-dev", type=int, default=300)
-    p.add_argument("--num-test", type=int, default=300)
+    # not given: synthesize_corpus's defaults, the default corpus' sizes (DEFAULT_SIZES of
+    # zipasr.data.synth, not imported here: every `zipasr` command builds this parser)
+    for split in ("train", "dev", "test"):
+        p.add_argument(f"--num-{split}", type=int, help=f"{split} utterances (default: the "
+                       "default corpus', as in config/config.yaml)")
     p.add_argument("--sample-rate", type=int, default=16000)
     p.add_argument("--num-jobs", type=int, default=1, help="parallel synthesis processes")
     p.add_argument("--prefix", default="synth", help="manifest name prefix")
@@ -36,10 +38,12 @@ def _synth(args: argparse.Namespace) -> int:
     from zipasr.data.synth import corpus_summary, synthesize_corpus
 
     start = time.perf_counter()
+    sizes = {k: n for k in ("num_train", "num_dev", "num_test")
+             if (n := getattr(args, k)) is not None}
     manifests = synthesize_corpus(
-        args.audio_dir, args.manifest_dir, seed=args.seed, num_train=args.num_train,
-        num_dev=args.num_dev, num_test=args.num_test, sample_rate=args.sample_rate,
-        num_jobs=args.num_jobs, prefix=args.prefix, progress=not args.no_progress)
+        args.audio_dir, args.manifest_dir, seed=args.seed, **sizes,
+        sample_rate=args.sample_rate, num_jobs=args.num_jobs, prefix=args.prefix,
+        progress=not args.no_progress)
     seconds = time.perf_counter() - start
     summary = corpus_summary(manifests)
     summary["build_seconds"] = round(seconds, 1)
