@@ -223,7 +223,7 @@ class Zipformer2EncoderLayer(nn.Module):
             # averaging-over-time behaviour of NLA. (icefall's current code guards this
             # with `not self.training`, which makes it dead code; its rate is a schedule of
             # the training batch count, 0.25 falling to 0.025 by batch 4000, so it is drawn
-            # in training here: docs/design.md lists this departure.)
+            # in training here: a deliberate departure, listed in the design notes in docs/.)
             selected = (selected > 0.0).to(selected.dtype)
             selected = selected * (1.0 / selected.sum(dim=-1, keepdim=True))
 
