@@ -17,7 +17,8 @@ from helpers import ROOT, planned_jobs, snakemake
 
 # What a config change reruns after the whole smoke DAG ran ("all" is the target rule).
 # Nothing upstream of the change runs again: not fbank for BPE, not BPE for the model.
-AFTER_TRAIN = {"train": 1, "average": 1, "decode": 4, "score": 1, "export": 1, "all": 1}
+AFTER_TRAIN = {"train": 1, "average": 1, "decode": 4, "score": 1, "export": 1, "plots": 1,
+               "all": 1}
 RERUNS: list[tuple[dict[str, Any], dict[str, int]]] = [
     # job sizes (threads) and tracking settings change no result: nothing reruns
     ({"train": {"threads": 2}, "features": {"num_jobs": 2},
@@ -27,11 +28,11 @@ RERUNS: list[tuple[dict[str, Any], dict[str, int]]] = [
     ({"train": {"base_lr": 0.03}}, AFTER_TRAIN),
     ({"bpe": {"vocab_size": 90}}, {"bpe": 1, **AFTER_TRAIN}),
     ({"average": {"use_averaged_model": True}},
-     {"average": 1, "decode": 4, "score": 1, "export": 1, "all": 1}),
+     {"average": 1, "decode": 4, "score": 1, "export": 1, "plots": 1, "all": 1}),
     # the beam: beam-search decoding only (greedy search does not read it)
-    ({"decode": {"beam": 2}}, {"decode": 2, "score": 1, "all": 1}),
+    ({"decode": {"beam": 2}}, {"decode": 2, "score": 1, "plots": 1, "all": 1}),
     # fewer methods: the table is remade from the decodings that exist
-    ({"decode": {"methods": ["greedy_search"]}}, {"score": 1, "all": 1}),
+    ({"decode": {"methods": ["greedy_search"]}}, {"score": 1, "plots": 1, "all": 1}),
     # the ONNX export's options rerun the export only; turning it off reruns nothing
     ({"export": {"int8": False}}, {"export": 1, "all": 1}),
     ({"export": {"onnx": False}}, {}),

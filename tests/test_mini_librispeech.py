@@ -41,8 +41,8 @@ def test_recipe_plans_the_whole_dag(workdir: Path) -> None:
             break
         jobs[line.split()[0]] = int(line.split()[1])
     assert jobs == {"download_librispeech": 2, "prepare_librispeech": 2, "fbank": 2, "bpe": 1,
-                    "train": 1, "average": 1, "decode": 2, "score": 1, "export": 1, "all": 1,
-                    "total": 14}
+                    "train": 1, "average": 1, "decode": 2, "score": 1, "export": 1, "plots": 1,
+                    "all": 1, "total": 15}
     exp = cfg["exp_dir"]
     avg = f"epoch-{cfg['train']['num_epochs']}_avg-{cfg['average']['avg']}_use-averaged-model"
     assert f"{exp}/{avg}.pt" in out and f"{exp}/wer.tsv" in out

@@ -70,7 +70,7 @@ def test_streaming_smoke_dag(workdir: Path) -> None:
     # another pair decodes and scores again, nothing else (the export keeps the first pair)
     more = copy.deepcopy(config)
     more["decode"]["streaming"].append({"chunk_size": 32, "left_context_frames": 64})
-    assert planned_jobs(workdir, more) == {"decode": 4, "score": 1, "all": 1}
+    assert planned_jobs(workdir, more) == {"decode": 4, "score": 1, "plots": 1, "all": 1}
     # a pair the model cannot decode with stops the DAG before any job
     bad = copy.deepcopy(config)
     bad["decode"]["streaming"] = [{"chunk_size": 12, "left_context_frames": 48}]

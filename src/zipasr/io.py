@@ -24,6 +24,18 @@ _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "localhost"
 _TEMP_TAIL = re.compile(r"\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[a-z0-9_]{8}\.partial")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, directory: bool = False) -> None:
+    """The mode a plain ``open``/``mkdir`` would have given (0666/0777 less the umask):
+    mkstemp/mkdtemp create 0600/0700, which would hide outputs from a shared cluster group."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _temp_prefix(path: Path) -> str:
     # host and pid: what the next writer of the same name needs to tell a dead writer's file
     return f".{path.name}.{_HOST}.{os.getpid()}."
@@ -79,6 +91,8 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            _publish_mode(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -95,6 +109,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                                      dir=path.parent))
     try:
         yield tmp_path
+        _publish_mode(tmp_path, directory=True)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp_path, path)
