@@ -11,10 +11,10 @@ from typing import Any
 def load_checkpoint(model: Any, path: str | Path) -> None:
     """Load icefall's ``{"model": state_dict}`` (pretrained.pt / epoch-N.pt) or a bare state
     dict, strictly. A DDP ``module.`` prefix is stripped."""
-    import torch
+    from zipasr.train.checkpoint import load_checkpoint as read_checkpoint
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt["model"] if isinstance(ckpt, dict) and "model" in ckpt else ckpt
+    ckpt = read_checkpoint(path, required=())
+    state = ckpt.get("model", ckpt)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
 
