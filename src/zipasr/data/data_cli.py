@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-jobs", type=int, default=1)
     p.add_argument("--strict", action="store_true")
     p.add_argument("--summary", type=Path, help="write counts, hours and RTF as JSON here")
+    p.add_argument("--no-features", dest="features", action="store_false",
+                   help="write the cuts (speed-perturbed copies included) with their audio only "
+                        "and an empty --storage-dir: training computes the features on the fly "
+                        "(zipasr train --on-the-fly-features)")
     p.set_defaults(func=_fbank)
 
 
@@ -60,7 +64,7 @@ def _fbank(args: argparse.Namespace) -> int:
 
     opts = FbankOptions(num_mel_bins=args.num_mel_bins, frame_shift=args.frame_shift,
                         dither=args.dither, speed_perturb=list(args.speed_perturb),
-                        num_jobs=args.num_jobs, strict=args.strict)
+                        num_jobs=args.num_jobs, strict=args.strict, features=args.features)
     # the summary is committed with the cuts and features, so they appear together
     compute_fbank(args.recordings, args.supervisions, args.out_cuts, args.storage_dir, opts,
                   what=f"fbank {args.out_cuts.name}", summary_path=args.summary)

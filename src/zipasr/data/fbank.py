@@ -5,6 +5,11 @@ cuts carry features in ``{prefix}_feats_{part}/``. A cut whose audio cannot be d
 counted and skipped. All outputs (feature directory, cut manifest, summary) are built under
 temporary names and renamed into place together only when everything succeeded, the summary
 last: a stage killed at any point before that leaves none of them under its final name.
+
+Without features (``FbankOptions.features`` False, ``zipasr fbank --no-features``) the cuts
+carry their audio only, speed-perturbed copies included (lhotse perturbs the audio when it is
+read), and the feature directory stays empty: training computes the features in its loader
+with :func:`fbank_extractor` (``zipasr train --on-the-fly-features``; docs/data.md).
 """
 
 from __future__ import annotations
@@ -36,6 +41,21 @@ class FbankOptions:
     num_jobs: int = 1
     shards_per_job: int = 4  # more shards than workers: a smooth progress bar, balanced load
     strict: bool = False
+    features: bool = True  # False: cuts with audio only, for features computed on the fly
+
+
+EXTRACTOR_OPTIONS = ("num_mel_bins", "frame_shift", "dither")
+
+
+def extractor_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The extractor's options (:data:`EXTRACTOR_OPTIONS`) with defaults filled in; an unknown
+    key is an error."""
+    unknown = sorted(set(options) - set(EXTRACTOR_OPTIONS))
+    if unknown:
+        raise ZipasrError(f"unknown feature option(s): {', '.join(unknown)} (known: "
+                          f"{', '.join(EXTRACTOR_OPTIONS)})")
+    defaults = FbankOptions()
+    return {k: options.get(k, getattr(defaults, k)) for k in EXTRACTOR_OPTIONS}
 
 
 def fbank_extractor(num_mel_bins: int = FbankOptions.num_mel_bins,
@@ -107,6 +127,9 @@ def compute_fbank(recordings: Path, supervisions: Path, out_cuts: Path, storage_
     t0 = time.perf_counter()
     cuts = make_cuts(recordings, supervisions, speed_perturb=opts.speed_perturb, what=what,
                      strict=opts.strict)
+    if not opts.features:
+        return _write_cuts_only(cuts, out_cuts, storage_dir, opts, what=what, t0=t0,
+                                summary_path=summary_path)
     storage_dir = Path(storage_dir)
     n_shards = max(1, min(len(cuts), opts.num_jobs * opts.shards_per_job))
     shards = [list(s) for s in cuts.split(n_shards)] if n_shards > 1 else [list(cuts)]
@@ -161,6 +184,31 @@ def compute_fbank(recordings: Path, supervisions: Path, out_cuts: Path, storage_
             tmp_summary.write_text(json.dumps(summary, indent=2) + "\n")
     log.info("%s: %d cuts, %.3f h of audio in %.1f s (%.0fx real time with %d job(s))",
              what, len(out), hours, elapsed, hours * 3600 / max(elapsed, 1e-9), opts.num_jobs)
+    return summary
+
+
+def _write_cuts_only(cuts, out_cuts: Path, storage_dir: Path, opts: FbankOptions, *,
+                     what: str, t0: float, summary_path: Path | None) -> dict:
+    """The cuts without features, committed as :func:`compute_fbank` commits its outputs (an
+    empty feature directory, so the part's outputs are the same files either way)."""
+    from lhotse.qa import validate
+
+    with contextlib.ExitStack() as commit:
+        tmp_summary = commit.enter_context(atomic_path(summary_path)) if summary_path else None
+        tmp_cuts = commit.enter_context(atomic_path(out_cuts))
+        commit.enter_context(atomic_dir(Path(storage_dir)))
+        validate(cuts, read_data=False)
+        cuts.to_file(tmp_cuts)
+        elapsed = time.perf_counter() - t0
+        hours = sum(c.duration for c in cuts) / 3600
+        summary = {"cuts": len(cuts), "skipped": 0, "hours": round(hours, 4),
+                   "seconds": round(elapsed, 2),
+                   "rtf": round(elapsed / max(hours * 3600, 1e-9), 5), "num_jobs": opts.num_jobs,
+                   "features": "on the fly"}
+        if tmp_summary is not None:
+            tmp_summary.write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("%s: %d cuts, %.3f h of audio, no features (computed on the fly in training)",
+             what, len(cuts), hours)
     return summary
 
 

@@ -21,6 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", type=json.loads, default={},
                    help="training options as JSON (TrainConfig fields)")
     p.add_argument("--summary", type=Path, help="write the run summary as JSON here (atomic)")
+    p.add_argument("--on-the-fly-features", type=json.loads, nargs="?", const={}, default=None,
+                   metavar="JSON",
+                   help="compute the training features from the audio in the loader (cuts made "
+                        "by zipasr fbank --no-features), with the data stage's fbank and these "
+                        'of its options, e.g. \'{"num_mel_bins": 80, "frame_shift": 0.01, '
+                        '"dither": 0.0}\' (default: its defaults). Validation cuts with stored '
+                        "features keep them")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
     p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
@@ -68,6 +75,8 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
             "--train", json.dumps(args.train), "--nproc-per-node", str(args.nproc_per_node)]
     if args.summary:
         argv += ["--summary", str(args.summary)]
+    if args.on_the_fly_features is not None:
+        argv += ["--on-the-fly-features", json.dumps(args.on_the_fly_features)]
     if args.progress is not None:
         argv.append("--progress" if args.progress else "--no-progress")
     return argv
@@ -85,7 +94,7 @@ def _train_here(args: argparse.Namespace, rank: int) -> int:
     tracker = Tracker(TrackingSpec.from_env() if rank == 0 else None)  # rank 0 tracks
     trainer = Trainer(cfg, args.model, train_cuts=args.train_cuts, valid_cuts=args.valid_cuts,
                       bpe_model=args.bpe_model, exp_dir=args.exp_dir, progress=args.progress,
-                      tracker=tracker)
+                      tracker=tracker, on_the_fly_features=args.on_the_fly_features)
     try:
         summary = trainer.run()
     except BaseException:

@@ -36,7 +36,7 @@ from zipasr.io import atomic_path, file_md5, write_text_atomic
 from zipasr.track.tracker import Tracker
 from zipasr.train import checkpoint as ckpt
 from zipasr.train.config import TrainConfig, fingerprint
-from zipasr.train.data import filter_cuts, load_cuts, make_train_loader, make_valid_loader
+from zipasr.train.data import LazyCuts, first_cuts, make_train_loader, make_valid_loader
 from zipasr.train.launch import dist_env
 from zipasr.train.numerics import differences, numerics_facts
 
@@ -73,7 +73,14 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model_config: dict[str, Any], *,
                  train_cuts: list[Path], valid_cuts: list[Path], bpe_model: Path,
                  exp_dir: Path, progress: bool | None = None,
-                 tracker: Tracker | None = None) -> None:
+                 tracker: Tracker | None = None,
+                 on_the_fly_features: dict[str, Any] | None = None) -> None:
+        """``on_the_fly_features``: compute the training features from the audio in the loader
+        with the data stage's extractor and these of its options (``num_mel_bins``,
+        ``frame_shift``, ``dither``; ``{}``: its defaults), for cut manifests without stored
+        features (``zipasr fbank --no-features``). None: read stored features."""
+        from zipasr.data.fbank import extractor_options
+
         self.cfg = cfg
         self.model_config_in = dict(model_config)
         self.train_cuts = [Path(p) for p in train_cuts]
@@ -85,6 +92,11 @@ class Trainer:
         self.world_size, self.rank, self.local_rank = dist_env()
         self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
         self.tracker = tracker or Tracker()  # MLflow hooks (zipasr.track); no-op by default
+        self.on_the_fly_features = (None if on_the_fly_features is None
+                                    else extractor_options(on_the_fly_features))
+        # the training data's size as the last full pass over it found it: {"cuts", "hours",
+        # "dropped", "batches" (this rank's, per epoch)}; None until a pass or a checkpoint says
+        self.train_stats: dict[str, Any] | None = None
 
     # -- setup -------------------------------------------------------------------------
 
@@ -136,6 +148,10 @@ class Trainer:
             # the result depends on it (total batch, batch-count adjustment, sampler shards);
             # left out at 1 so single-process experiments keep their fingerprints
             fp["world_size"] = self.world_size
+        if self.on_the_fly_features is not None:
+            # the manifests without features do not change with the extractor's options, the
+            # result does (left out otherwise, as world_size)
+            fp["features_on_the_fly"] = self.on_the_fly_features
         return fingerprint(fp)
 
     def _claim_exp_dir(self, fp: str) -> None:
@@ -209,26 +225,78 @@ class Trainer:
             world_size=self.world_size)
 
     def _data(self) -> None:
+        """The loaders, over cut manifests read lazily: nothing is read whole at start-up (the
+        sampler reads its duration-bin estimate and fills its buffer, lhotse's DynamicBucketing
+        way), so start-up time and memory do not grow with the corpus. The training data's size
+        is counted by the first full pass (:meth:`_epoch_done`)."""
+        from lhotse import CutSet
+
         cfg = self.cfg
-        train = load_cuts(self.train_cuts)
-        train, dropped = filter_cuts(train, self.sp, cfg.min_cut_duration, cfg.max_cut_duration)
-        if dropped:
-            log.info("filtered out %d training cut(s) (duration or too many tokens)", dropped)
-        if len(train) == 0:
+        extractor, frame_shift = None, 0.01
+        if self.on_the_fly_features is not None:
+            from zipasr.data.fbank import fbank_extractor
+
+            extractor = fbank_extractor(**self.on_the_fly_features)
+            frame_shift = extractor.frame_shift
+        self._check_cuts(self.train_cuts, "training", extractor)
+        self.train_set = LazyCuts(self.train_cuts, self.sp, cfg.min_cut_duration,
+                                  cfg.max_cut_duration, frame_shift=frame_shift)
+        if self.train_set.first() is None:
             raise ZipasrError("no training cut left after filtering")
-        self.train_hours = sum(c.duration for c in train) / 3600
         noise = None
         if cfg.noise_cuts:
-            from lhotse import CutSet
-
-            noise = CutSet.from_file(cfg.noise_cuts)
+            noise = CutSet.from_file(cfg.noise_cuts)  # small (MUSAN: ~2k cuts): in memory
         self.train_loader, self.sampler, self.train_dataset = make_train_loader(
-            train, cfg, world_size=self.world_size, rank=self.rank, noise_cuts=noise)
-        valid = load_cuts(self.valid_cuts)
-        valid, _ = filter_cuts(valid, self.sp, 0.0, float("inf"))
-        if self.world_size > 1:  # each rank validates every world_size-th cut: all cuts once
-            valid = valid.subset(cut_ids=list(valid.ids)[self.rank::self.world_size])
-        self.valid_loader = make_valid_loader(valid, cfg.max_duration)
+            CutSet(self.train_set), cfg, world_size=self.world_size, rank=self.rank,
+            noise_cuts=noise, extractor=extractor)
+        # validation keeps stored features; a dev manifest without them is computed on the fly
+        # too when training is (each rank validates every world_size-th cut: all cuts once)
+        stored = self._check_cuts(self.valid_cuts, "validation", extractor)
+        valid = LazyCuts(self.valid_cuts, self.sp, 0.0, float("inf"), frame_shift=frame_shift,
+                         shard=(self.rank, self.world_size) if self.world_size > 1 else None)
+        self.valid_loader = make_valid_loader(CutSet(valid), cfg.max_duration,
+                                              extractor=None if stored else extractor)
+
+    def _check_cuts(self, paths: list[Path], what: str, extractor: Any) -> bool:
+        """Whether every manifest's first cut has stored features; a manifest without them
+        needs ``extractor`` (on-the-fly features) and audio. Reads one line of each."""
+        stored = True
+        for path, cut in zip(paths, first_cuts(paths), strict=True):
+            if cut is None or cut.has_features:
+                continue
+            stored = False
+            if extractor is None:
+                raise ZipasrError(
+                    f"{what} cuts {path} have no features (cut {cut.id}): compute them "
+                    "(zipasr fbank), or compute them in the loader: zipasr train "
+                    "--on-the-fly-features (the DAG's features.on_the_fly: true)")
+            if not cut.has_recording:
+                raise ZipasrError(f"{what} cuts {path} have neither features nor audio "
+                                  f"(cut {cut.id})")
+        return stored
+
+    def _epoch_done(self) -> None:
+        """After an epoch's full pass: the training data's size, logged the first time."""
+        seen = self.train_set.last_pass
+        if seen is None:
+            return
+        self.train_set.last_pass = None
+        known = self.train_stats
+        self.train_stats = dict(seen, batches=self.batches_in_epoch)
+        if known is None or known["cuts"] != seen["cuts"]:
+            log.info("training data: %d cuts, %.2f h per epoch (%d filtered out: duration or too "
+                     "many tokens); %d batches per epoch%s", seen["cuts"], seen["hours"],
+                     seen["dropped"], self.batches_in_epoch,
+                     " per rank" if self.world_size > 1 else "")
+
+    def _train_data_size(self) -> dict[str, Any]:
+        """The training data's size: from this run's or the checkpoint's last full pass, else
+        (nothing left to train, an older checkpoint) one pass over the manifests' metadata."""
+        if self.train_stats is None:
+            for _ in self.train_set:
+                pass
+            self.train_stats = dict(self.train_set.last_pass, batches=None)
+        return self.train_stats
 
     # -- state -------------------------------------------------------------------------
 
@@ -240,6 +308,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "grad_scaler": self.scaler.state_dict(),
             "sampler": {"epoch": self.cur_epoch, "batches_done": self.batches_in_epoch},
+            "train_data": self.train_stats,  # the data's size (a resume need not count it)
             "rng": ckpt.rng_state(),
             "world_size": self.world_size,
             "model_config": asdict(self.model_config),
@@ -292,6 +361,7 @@ class Trainer:
         self.batches_in_epoch = state["sampler"]["batches_done"]
         self.best_valid_loss = state["best_valid_loss"]
         self.best_valid_epoch = state["best_valid_epoch"]
+        self.train_stats = state.get("train_data")
         ranks_rng = state.get("rng_ranks")
         if ranks_rng and len(ranks_rng) == self.world_size:
             ckpt.set_rng_state(ranks_rng[self.rank])  # each rank its own dropout stream
@@ -502,13 +572,15 @@ class Trainer:
         resumed = self._resume()
         if resumed and self.rank == 0:
             self._truncate_metrics()
-        log.info("model: %s params; %.2f h of training audio; device %s; precision %s%s",
-                 f"{self.num_params:,}", self.train_hours, self.device, cfg.precision,
-                 " (joiner in bf16)" if self.joiner_bf16 else "")
+        log.info("model: %s params; %s; device %s; precision %s%s", f"{self.num_params:,}",
+                 f"{self.train_stats['hours']:.2f} h of training audio" if self.train_stats
+                 else f"training cuts streamed from {len(self.train_cuts)} manifest(s)",
+                 self.device, cfg.precision, " (joiner in bf16)" if self.joiner_bf16 else "")
+        if self.on_the_fly_features is not None:
+            log.info("training features computed on the fly: %s", self.on_the_fly_features)
         if self.rank == 0:
             self.tracker.start(self, resumed)  # tracking hook
         self.model.train()
-        est_batches = max(1, int(self.train_hours * 3600 / cfg.max_duration))
         last_valid = None
 
         while self.cur_epoch <= cfg.num_epochs:
@@ -522,7 +594,9 @@ class Trainer:
                 self._set_batch_count(self.batch_idx_train - skip % 10)
             self.sampler.set_epoch(epoch - 1, skip=skip)
             self.train_dataset.epoch = epoch - 1
-            bar = tqdm(total=est_batches, initial=skip, desc=f"epoch {epoch}/{cfg.num_epochs}",
+            # the batch count of the last full pass (the first epoch's is not known yet)
+            bar = tqdm(total=(self.train_stats or {}).get("batches"), initial=skip,
+                       desc=f"epoch {epoch}/{cfg.num_epochs}",
                        disable=not self.progress or self.rank != 0, mininterval=1.0)
             t_win, audio_win = time.perf_counter(), 0.0
             for batch in self.train_loader:
@@ -566,6 +640,7 @@ class Trainer:
                         and self.bad_in_a_row == 0):
                     self._save(f"checkpoint-{self.batch_idx_train}.pt")
             bar.close()
+            self._epoch_done()
             if self.batches_in_epoch == 0:
                 raise ZipasrError(
                     f"epoch {epoch} produced no training batch: with drop_last, every bucket "
@@ -584,11 +659,15 @@ class Trainer:
             self.batches_in_epoch = 0
             self._save(f"epoch-{epoch}.pt")
 
+        data = self._train_data_size()
         summary = {"epochs": cfg.num_epochs, "batch_idx_train": self.batch_idx_train,
                    "valid_loss": last_valid, "best_valid_loss": self.best_valid_loss,
                    "best_valid_epoch": self.best_valid_epoch, "num_params": self.num_params,
-                   "train_hours": round(self.train_hours, 4), "resumed": resumed,
+                   "train_hours": round(data["hours"], 4), "train_cuts": data["cuts"],
+                   "resumed": resumed,
                    "bad_batches": self.bad_total, "world_size": self.world_size,
                    "seconds_this_run": round(time.perf_counter() - t_start, 1),
                    "numerics": self.numerics, "numerics_changes": self.numerics_changes}
+        if self.on_the_fly_features is not None:
+            summary["features_on_the_fly"] = self.on_the_fly_features
         return summary
