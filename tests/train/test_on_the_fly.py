@@ -7,6 +7,9 @@
 * The real Trainer trains a few steps of the xs model from such cuts
   (``on_the_fly_features``), validating on cuts with stored features; cuts without features
   and no ``on_the_fly_features`` stop it at once with a message naming the option.
+* The DAG (a dry run): with ``features.on_the_fly`` the train part's fbank job writes no
+  features and the train job computes them with the config's options; dev and test keep
+  theirs; without it the commands are the ones before (no ``--no-features``, no option).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_tiny_corpus
+from helpers import ROOT, build_tiny_corpus, snakemake
 
 from zipasr.data.fbank import FbankOptions, compute_fbank, fbank_extractor
 from zipasr.errors import ZipasrError
@@ -123,3 +126,29 @@ def test_trainer_trains_from_on_the_fly_cuts(corpus, tmp_path: Path) -> None:
               .splitlines() if "loss" in json.loads(x)]
     assert len(losses) == summary["batch_idx_train"] and all(map(torch.isfinite,
                                                                  torch.tensor(losses)))
+
+
+def test_dag_wiring(workdir: Path) -> None:
+    import yaml
+
+    smoke = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    smoke["tracking"] = {"enabled": False}
+
+    def commands(features: dict) -> dict[str, str]:
+        cfg = dict(smoke, features={**smoke["features"], **features})
+        out = snakemake(workdir, cfg, "-n", "-p")
+        lines = [ln.split("Shell command: ", 1)[1] for ln in out.stdout.splitlines()
+                 if "Shell command: " in ln and ("zipasr fbank" in ln or "zipasr train" in ln)]
+        return {("train" if " train " in ln else ln.split("--out-cuts ")[1].split()[0]): ln
+                for ln in lines}
+
+    otf = commands({"on_the_fly": True, "num_mel_bins": 80, "dither": 0.0})
+    assert "--no-features" in otf["data/fbank/synth_cuts_train.jsonl.gz"]
+    assert "--speed-perturb 0.9 1.1" in otf["data/fbank/synth_cuts_train.jsonl.gz"]
+    for part in ("dev", "test"):
+        assert "--no-features" not in otf[f"data/fbank/synth_cuts_{part}.jsonl.gz"]
+    assert ("""--on-the-fly-features '{"dither": 0.0, "frame_shift": 0.01, "num_mel_bins": 80}'"""
+            in otf["train"])
+    stored = commands({})
+    assert len(stored) == 4 and not any("--no-features" in c or "--on-the-fly" in c
+                                        for c in stored.values())

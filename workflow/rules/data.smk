@@ -57,16 +57,22 @@ else:
 
 
 def fbank_params(wildcards):
-    """The feature config one part reads: speed perturbation applies to train parts only."""
+    """The feature config one part reads: speed perturbation applies to train parts only.
+    features.on_the_fly: the train parts' cuts carry their audio only (`zipasr fbank
+    --no-features`; training computes the features); the key is there only then, so the params
+    of a config without it stay as they were (no rerun)."""
     f = config["features"]
     speeds = f["speed_perturb"] if wildcards.part in TRAIN_PARTS else []
-    return {
+    params = {
         "num_mel_bins": f["num_mel_bins"],
         "frame_shift": f.get("frame_shift", 0.01),
         "dither": f.get("dither", 0.0),
         "speed_perturb": " ".join(str(s) for s in speeds),
         "strict": config["strict"],
     }
+    if f.get("on_the_fly"):
+        params["features"] = "--no-features" if wildcards.part in TRAIN_PARTS else ""
+    return params
 
 
 rule fbank:
@@ -89,4 +95,6 @@ rule fbank:
         " --out-cuts {output.cuts} --storage-dir {output.feats} --summary {output.summary}"
         " --num-mel-bins {params.f[num_mel_bins]} --frame-shift {params.f[frame_shift]}"
         " --dither {params.f[dither]} --speed-perturb {params.f[speed_perturb]}"
-        " --num-jobs {threads} {STRICT} 2> {log}"
+        " --num-jobs {threads} {STRICT}"
+        + (" {params.f[features]}" if config["features"].get("on_the_fly") else "")
+        + " 2> {log}"

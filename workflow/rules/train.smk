@@ -33,6 +33,11 @@ rule train:
         model=json.dumps(config["model"], sort_keys=True),
         train=json.dumps(training_options(config["train"]), sort_keys=True),
         nproc=train_procs,
+        # features.on_the_fly: the train cuts have no features (rule fbank); the loader computes
+        # them with these options. Only then a param, so other configs' params stay as they were
+        **({"fbank": json.dumps({k: config["features"].get(k, d) for k, d in (
+            ("num_mel_bins", 80), ("frame_shift", 0.01), ("dither", 0.0))}, sort_keys=True)}
+           if config["features"].get("on_the_fly") else {}),
     log:
         f"logs/train/{EXP_NAME}.log",
     benchmark:
@@ -43,7 +48,9 @@ rule train:
         "OMP_NUM_THREADS={threads} zipasr train --nproc-per-node {params.nproc}"
         " --train-cuts {input.train} --valid-cuts {input.valid} --bpe-model {input.bpe} --exp-dir {EXP}"
         " --model {params.model:q} --train {params.train:q} --summary {output.summary}"
-        " 2> {log}"
+        + (" --on-the-fly-features {params.fbank:q}" if config["features"].get("on_the_fly")
+           else "")
+        + " 2> {log}"
 
 
 rule average:
