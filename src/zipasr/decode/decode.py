@@ -297,6 +297,8 @@ def decode_and_score(model: Any, sp: Any, cuts_paths: Sequence[Path], result_dir
     for i, path in enumerate(cuts_paths):
         name = test_sets[i] if test_sets else set_name_from_path(path)
         try:
+            # read whole, unlike training's manifests: the cuts are decoded longest first
+            # (batches), which needs all of them; test sets are small (docs/data.md)
             cuts = CutSet.from_file(path).to_eager()
         except Exception as e:
             raise ZipasrError(f"cannot read cut manifest {path}: {e}") from e
