@@ -2,6 +2,7 @@
 # Model and result file names come from zipasr.decode.names, which `zipasr decode` writes with.
 from snakemake.exceptions import WorkflowError
 
+from zipasr.data.musan import PARTS as MUSAN_PARTS  # icefall's: music, speech, noise
 from zipasr.decode.names import model_name, result_file, result_key
 from zipasr.model.config import ZipformerConfig
 
@@ -54,7 +55,31 @@ def cuts(part, prefix=PREFIX):
 
 
 def all_cuts():
-    return [cuts(p) for p in ALL_PARTS]
+    """Every part's cut manifest, and MUSAN's noise cuts when training mixes them in."""
+    return [cuts(p) for p in ALL_PARTS] + ([musan_cuts()] if MUSAN else [])
+
+
+# features.num_splits: a train part's fbank in this many jobs (data.smk: split_manifests,
+# fbank_shard, gather_fbank); 1 is the single fbank job per part
+NUM_SPLITS = config["features"].get("num_splits", 1)
+
+
+def split_dir(kind):
+    """Where a train part's pieces go: manifests or fbank, under split{N}/ (so another N never
+    reads the pieces of the last)."""
+    return f"{D}/{kind}/split{NUM_SPLITS}"
+
+
+# MUSAN noise (data.smk: download_musan, prepare_musan, fbank_musan), mixed into training
+MUSAN = CORPUS.get("musan", {}).get("enabled", False)
+if MUSAN and config["train"].get("noise_cuts"):
+    raise WorkflowError(
+        "corpus.musan.enabled and train.noise_cuts both give training its noise: set one"
+    )
+
+
+def musan_cuts():
+    return f"{D}/fbank/musan_cuts.jsonl.gz"
 
 
 def lang_dir():

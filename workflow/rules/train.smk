@@ -27,11 +27,14 @@ rule train:
         train=[cuts(p) for p in TRAIN_PARTS],
         valid=[cuts(p) for p in CORPUS["dev_parts"]],
         bpe=f"{lang_dir()}/bpe.model",
+        # corpus.musan.enabled: the noise cuts mixed in, TrainConfig's noise_cuts (below)
+        noise=[musan_cuts()] if MUSAN else [],
     output:
         summary=f"{EXP}/train-summary.json",
     params:
         model=json.dumps(config["model"], sort_keys=True),
-        train=json.dumps(training_options(config["train"]), sort_keys=True),
+        train=json.dumps({**training_options(config["train"]),
+                          **({"noise_cuts": musan_cuts()} if MUSAN else {})}, sort_keys=True),
         nproc=train_procs,
         # features.on_the_fly: the train cuts have no features (rule fbank); the loader computes
         # them with these options. Only then a param, so other configs' params stay as they were
