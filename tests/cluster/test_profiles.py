@@ -77,11 +77,18 @@ def test_train_job_launches_one_process_per_gpu(workdir: Path) -> None:
 @pytest.mark.parametrize("recipe", sorted((ROOT / "config").glob("librispeech-960-*.yaml")),
                          ids=lambda p: p.stem)
 def test_recipe_validates_and_plans(recipe: Path, workdir: Path) -> None:
-    cfg = yaml.safe_load(recipe.read_text())
+    # an overlay (config/librispeech-960-M-streaming.yaml) is given after its base recipe
+    files = [recipe]
+    if recipe.stem.endswith("-streaming"):
+        files.insert(0, recipe.with_name(recipe.stem.removesuffix("-streaming") + ".yaml"))
+    cfg: dict = {}
+    for f in files:
+        for key, value in yaml.safe_load(f.read_text()).items():
+            cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     out = _snakemake(workdir, "-n", "--profile", str(PROFILES / "local"),
-                     "--configfile", str(recipe)).stdout
-    avg = cfg["average"]["avg"]
-    assert f"epoch-50_avg-{avg}_use-averaged-model.pt" in out
+                     "--configfile", *map(str, files)).stdout
+    epoch = cfg["average"].get("epoch", cfg["train"]["num_epochs"])
+    assert f"epoch-{epoch}_avg-{cfg['average']['avg']}_use-averaged-model.pt" in out
     assert f"preset\": \"{cfg['model']['preset']}\"" in out
 
 
