@@ -192,3 +192,40 @@ def babble(seconds: float, seed: int, sr: int = 16000) -> np.ndarray:
         parts.append(x * rng.random() + 0.02 * rng.standard_normal(t.size))
     x = np.concatenate(parts)
     return (0.3 * x / np.abs(x).max()).astype(np.float32)
+
+
+def epoch_rows(train_cuts: Path, train: dict) -> dict:
+    """Cut id -> its padded input row, over one epoch of the trainer's batches of ``train_cuts``
+    with the TrainConfig options ``train`` (noise mixed in when they name ``noise_cuts``)."""
+    from lhotse import CutSet
+
+    from zipasr.train.config import TrainConfig
+    from zipasr.train.data import load_cuts, make_train_loader
+
+    cfg = TrainConfig.from_dict(train)
+    noise = CutSet.from_file(cfg.noise_cuts) if cfg.noise_cuts else None
+    loader, sampler, _ = make_train_loader(load_cuts([train_cuts]), cfg, noise_cuts=noise)
+    sampler.set_epoch(0)
+    rows = {}
+    for batch in loader:
+        sup = batch["supervisions"]
+        for cut, i in zip(sup["cut"], sup["sequence_idx"].tolist(), strict=True):
+            rows[cut.id] = batch["inputs"][i]
+    return rows
+
+
+def peaky_search_model(vocab_size: int = 6, seed: int = 0, causal: bool = False):
+    """A random xs model (eval mode) whose joiner is 'peaky' enough that searches emit a mix of
+    blanks and tokens and depend on the decoder context (a fresh init is nearly uniform)."""
+    import torch
+
+    from zipasr.model import Transducer
+
+    torch.manual_seed(seed)
+    m = Transducer.from_preset("xs", vocab_size=vocab_size, causal=causal).eval()
+    with torch.no_grad():
+        m.joiner.output_linear.weight.normal_(0, 1.5)
+        m.joiner.output_linear.bias.zero_()
+        m.joiner.output_linear.bias[0] = 1.0
+        m.joiner.decoder_proj.weight.mul_(4)
+    return m

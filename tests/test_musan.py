@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import BIN, ROOT, build_tiny_corpus, snakemake, tool_env
+from helpers import BIN, ROOT, build_tiny_corpus, epoch_rows, snakemake, tool_env
 from librispeech_mirror import serve
 from musan_mirror import WINDOWS, build_musan, make_musan_tarball
 
@@ -133,11 +133,6 @@ def test_train_rule_takes_the_noise_cuts(musan) -> None:
 
 
 def test_training_mixes_the_noise(musan, tmp_path: Path, monkeypatch) -> None:
-    from lhotse import CutSet
-
-    from zipasr.train.config import TrainConfig
-    from zipasr.train.data import load_cuts, make_train_loader
-
     corpus = build_tiny_corpus(tmp_path / "corpus", 16)
     work = musan["work"]
     monkeypatch.chdir(work)  # the noise cuts' paths are relative to the DAG's directory
@@ -147,17 +142,7 @@ def test_training_mixes_the_noise(musan, tmp_path: Path, monkeypatch) -> None:
              "device": "cpu"}
 
     def rows(**options) -> dict[str, torch.Tensor]:
-        cfg = TrainConfig.from_dict({**train, **options})
-        noise = CutSet.from_file(cfg.noise_cuts) if cfg.noise_cuts else None
-        loader, sampler, _ = make_train_loader(load_cuts([corpus["train"]]), cfg,
-                                               noise_cuts=noise)
-        sampler.set_epoch(0)
-        out = {}
-        for batch in loader:
-            sup = batch["supervisions"]
-            for cut, i in zip(sup["cut"], sup["sequence_idx"].tolist(), strict=True):
-                out[cut.id] = batch["inputs"][i]
-        return out
+        return epoch_rows(corpus["train"], {**train, **options})
 
     clean, noisy = rows(), rows(noise_cuts=MUSAN_CUTS)  # same seed; icefall's prob 0.5
     assert noisy.keys() == clean.keys()

@@ -10,24 +10,12 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from helpers import peaky_search_model as _model
 
 from zipasr.decode.search import SearchResult, greedy_search_batch, modified_beam_search
 from zipasr.model import Transducer
 
 torch.set_num_threads(1)
-
-
-def _model(vocab_size: int = 6, seed: int = 0) -> Transducer:
-    """A random xs model whose joiner is 'peaky' enough that searches emit a mix of blanks
-    and tokens and depend on the decoder context (a fresh init is nearly uniform)."""
-    torch.manual_seed(seed)
-    m = Transducer.from_preset("xs", vocab_size=vocab_size).eval()
-    with torch.no_grad():
-        m.joiner.output_linear.weight.normal_(0, 1.5)
-        m.joiner.output_linear.bias.zero_()
-        m.joiner.output_linear.bias[0] = 1.0
-        m.joiner.decoder_proj.weight.mul_(4)
-    return m
 
 
 def _encoder_out(lens: list[int], dim: int = 64, seed: int = 1) -> tuple[torch.Tensor,

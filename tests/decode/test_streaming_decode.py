@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import peaky_search_model
 
 from zipasr.decode import streaming as st
 from zipasr.decode.search import search
@@ -19,16 +20,9 @@ LENGTHS = (50, 333, 120, 7, 260, 401)  # 100 Hz feature frames: 1 to 8 chunks of
 
 
 def causal_model(seed: int = 0) -> Transducer:
-    """A random causal xs model made peaky (a fresh joiner is nearly uniform), so the searches
-    emit long audio-dependent sequences and the comparisons are strict."""
-    torch.manual_seed(seed)
-    m = Transducer.from_preset("xs", vocab_size=12, causal=True).eval()
-    with torch.no_grad():
-        m.joiner.output_linear.weight.normal_(0, 1.5)
-        m.joiner.output_linear.bias.zero_()
-        m.joiner.output_linear.bias[0] = 1.0
-        m.joiner.decoder_proj.weight.mul_(4)
-    return m
+    """test_search's random peaky xs model (emits long, audio-dependent sequences, so the
+    comparisons are strict), causal."""
+    return peaky_search_model(vocab_size=12, seed=seed, causal=True)
 
 
 def features(seed: int = 3) -> list[torch.Tensor]:

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import build_tiny_corpus, write_tone
+from helpers import build_tiny_corpus, epoch_rows, write_tone
 
 from zipasr.errors import ZipasrError
 from zipasr.train.config import TrainConfig
-from zipasr.train.data import load_cuts, make_train_loader
+from zipasr.train.data import load_cuts
 from zipasr.train.trainer import Trainer
 
 TRAIN = {"num_epochs": 1, "max_duration": 5, "num_buckets": 2, "num_workers": 0,
@@ -211,18 +211,7 @@ def noise_cuts(tmp_path_factory) -> Path:
 def _rows(corpus, **train) -> dict[str, torch.Tensor]:
     """Cut id -> its padded input row, over one epoch of training batches (no SpecAugment, so
     noise is the only augmentation)."""
-    from lhotse import CutSet
-
-    cfg = TrainConfig.from_dict({**TRAIN, "spec_augment": False, **train})
-    noise = CutSet.from_file(cfg.noise_cuts) if cfg.noise_cuts else None
-    loader, sampler, _ = make_train_loader(load_cuts([corpus["train"]]), cfg, noise_cuts=noise)
-    sampler.set_epoch(0)
-    rows = {}
-    for batch in loader:
-        sup = batch["supervisions"]
-        for cut, i in zip(sup["cut"], sup["sequence_idx"].tolist(), strict=True):
-            rows[cut.id] = batch["inputs"][i]
-    return rows
+    return epoch_rows(corpus["train"], {**TRAIN, "spec_augment": False, **train})
 
 
 def _snr_db(clean: torch.Tensor, mixed: torch.Tensor) -> float:
