@@ -83,7 +83,7 @@ def _words() -> list[str]:
 
     words = []
     for name in ("nouns", "verbs", "adjectives", "adverbs", "names"):
-        words += files("zipasr.data").joinpath("text", f"{name}.txt").read_text().split()
+        words += files("zipasr.data.synth").joinpath("text", f"{name}.txt").read_text().split()
     return sorted({w.upper() for w in words if w.isalpha()})
 
 

@@ -5,7 +5,7 @@
   types that match the fields' annotations, and every dataclass default passes the schema.
 * The encoder takes its dimensions from the ZipformerConfig, not from defaults of its own.
 * Every checkpoint file is opened by one function, ``zipasr.train.checkpoint.load_checkpoint``.
-* The default corpus' sizes live in ``zipasr.data.synth.DEFAULT_SIZES``; the default config
+* The default corpus' sizes live in ``zipasr.data.synth.corpus.DEFAULT_SIZES``; the default config
   repeats them and the CLI and schema carry no copy.
 """
 
@@ -207,7 +207,8 @@ def test_checkpoints_are_opened_in_one_place() -> None:
 
 
 def test_corpus_sizes_have_one_source(schema) -> None:
-    from zipasr.data import synth, synth_cli
+    from zipasr.data.synth import cli as synth_cli
+    from zipasr.data.synth import corpus as synth
 
     synth_cfg = load_config(ROOT / "config" / "config.yaml")["corpus"]["synth"]
     assert {k: synth_cfg[k] for k in synth.DEFAULT_SIZES} == synth.DEFAULT_SIZES

@@ -16,11 +16,11 @@ from zipasr.log import setup_logging
 
 # Modules that contribute subcommands, in the order of the DAG.
 COMMAND_MODULES = (
-    "zipasr.data.synth_cli",
-    "zipasr.data.data_cli",
-    "zipasr.lang.lang_cli",
-    "zipasr.train.train_cli",
-    "zipasr.decode.decode_cli",
+    "zipasr.data.synth.cli",
+    "zipasr.data.cli",
+    "zipasr.lang.cli",
+    "zipasr.train.cli",
+    "zipasr.decode.cli",
     "zipasr.model.cli",
     "zipasr.deploy.cli",
     "zipasr.track.cli",

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from zipasr.data.sentences import (
+from zipasr.data.synth.sentences import (
     MAX_WORDS,
     MIN_WORDS,
     SentenceGenerator,
@@ -97,7 +97,7 @@ def test_word_lists_avoid_heteronyms_and_have_license():
     heteronyms = {"read", "lead", "live", "wind", "tear", "close", "minute", "present", "record",
                   "use", "bow", "wound", "object", "desert"}
     assert not heteronyms & vocabulary()
-    for f in resources.files("zipasr.data").joinpath("text").iterdir():
+    for f in resources.files("zipasr.data.synth").joinpath("text").iterdir():
         if f.name.endswith(".txt"):
             assert "Apache License, Version 2.0" in f.read_text()[:600], f.name
     lex = load_lexicon()

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from zipasr.data import synth
-from zipasr.data.synth import (
+from zipasr.data.synth import corpus as synth
+from zipasr.data.synth.corpus import (
     ACCENTS,
     PITCH_RANGE,
     RATE_RANGE,

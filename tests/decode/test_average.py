@@ -16,7 +16,7 @@ from zipasr.decode.average import (
     average_state_dicts,
     average_with_averaged_model,
 )
-from zipasr.decode.decode_cli import register
+from zipasr.decode.cli import register
 from zipasr.errors import ZipasrError
 
 PERIOD = 3

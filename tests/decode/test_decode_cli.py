@@ -14,8 +14,8 @@ import pytest
 import torch
 from helpers import babble, peaky_xs_model, write_manifests
 
+from zipasr.decode.cli import register
 from zipasr.decode.decode import set_name_from_path
-from zipasr.decode.decode_cli import register
 from zipasr.decode.scoring import error_stats, read_recogs
 from zipasr.errors import ZipasrError
 

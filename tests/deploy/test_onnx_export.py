@@ -97,7 +97,7 @@ def bpe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from zipasr.lang.bpe import train_bpe
 
     root = tmp_path_factory.mktemp("bpe")
-    words = [w.strip().upper() for w in (ROOT / "src/zipasr/data/text/nouns.txt")
+    words = [w.strip().upper() for w in (ROOT / "src/zipasr/data/synth/text/nouns.txt")
              .read_text().splitlines() if w.strip() and not w.startswith("#")]
     lines = [" ".join(words[(7 * i + k) % len(words)] for k in range(6)) for i in range(300)]
     (root / "text.txt").write_text("\n".join(lines) + "\n")

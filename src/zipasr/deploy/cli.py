@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from zipasr.decode.decode_cli import (
+from zipasr.decode.cli import (
     add_model_arguments,
     add_streaming_arguments,
     model_config_of,

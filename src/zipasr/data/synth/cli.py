@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest-dir", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     # not given: synthesize_corpus's defaults, the default corpus' sizes (DEFAULT_SIZES of
-    # zipasr.data.synth, not imported here: every `zipasr` command builds this parser)
+    # zipasr.data.synth.corpus, not imported here: every `zipasr` command builds this parser)
     for split in ("train", "dev", "test"):
         p.add_argument(f"--num-{split}", type=int, help=f"{split} utterances (default: the "
                        "default corpus', as in config/config.yaml)")
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from zipasr.data.synth import corpus_summary, synthesize_corpus
+    from zipasr.data.synth.corpus import corpus_summary, synthesize_corpus
 
     start = time.perf_counter()
     sizes = {k: n for k in ("num_train", "num_dev", "num_test")

@@ -1,11 +1,11 @@
 """Offline, license-clean English sentences for the synthetic default corpus.
 
-A small hand-written probabilistic grammar over word lists shipped in ``zipasr/data/text/*.txt``
-(our own, Apache-2.0). It produces varied, mostly plausible English of 3 to 15 words:
-statements in several tenses with agreement, negation, questions, imperatives, lists,
-comparatives, relative and embedded clauses, possessives, contractions and spelled-out numbers.
-Selectional restrictions (verbs and adjectives list the noun tags they accept) keep the
-sentences sensible enough for a BPE model and a transducer to learn real structure.
+A small hand-written probabilistic grammar over word lists shipped in
+``zipasr/data/synth/text/*.txt`` (our own, Apache-2.0). It produces varied, mostly plausible
+English of 3 to 15 words: statements in several tenses with agreement, negation, questions,
+imperatives, lists, comparatives, relative and embedded clauses, possessives, contractions and
+spelled-out numbers. Selectional restrictions (verbs and adjectives list the noun tags they accept)
+keep the sentences sensible enough for a BPE model and a transducer to learn real structure.
 
 Each :class:`Sentence` carries two strings: ``text`` (lowercase with punctuation, for espeak-ng,
 which spells short uppercase words) and ``transcript`` (LibriSpeech style: uppercase letters,
@@ -125,7 +125,7 @@ class Lexicon:
 
 
 def _rows(name: str) -> Iterable[list[str]]:
-    text = resources.files("zipasr.data").joinpath("text", name).read_text(encoding="utf-8")
+    text = resources.files("zipasr.data.synth").joinpath("text", name).read_text(encoding="utf-8")
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if line:

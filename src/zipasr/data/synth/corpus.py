@@ -1,6 +1,6 @@
 """The embedded default corpus: English speech synthesized offline with espeak-ng.
 
-Text comes from :mod:`zipasr.data.sentences`; speech from libespeak-ng shipped by the PyPI
+Text comes from :mod:`zipasr.data.synth.sentences`; speech from libespeak-ng shipped by the PyPI
 package ``espeakng-loader`` (driven through ctypes, no apt, no network), resampled from 22.05 kHz
 with ``soxr``, stored as 16-bit FLAC, described by lhotse manifests named like lhotse's
 LibriSpeech recipe output (``{prefix}_recordings_{split}.jsonl.gz`` and
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zipasr.data.sentences import generate_sentences
+from zipasr.data.synth.sentences import generate_sentences
 from zipasr.errors import ZipasrError
 from zipasr.io import atomic_path, write_text_atomic
 
@@ -372,7 +372,8 @@ def _run_shard(split: str, index: int, utts: list[Utterance], out_dir: Path, sam
                       "rand_seed": int(key[:8], 16), "utterances": [asdict(u) for u in utts]})
     # A fresh interpreter per shard (not fork: libespeak-ng state must start clean; not
     # multiprocessing spawn: that re-imports the caller's __main__, e.g. the whole CLI).
-    cmd = [sys.executable, "-c", "from zipasr.data.synth import _worker_main; _worker_main()"]
+    cmd = [sys.executable, "-c",
+           "from zipasr.data.synth.corpus import _worker_main; _worker_main()"]
     num_samples: dict[str, int] = {}
     with tempfile.TemporaryFile("w+") as err, subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True) as proc:
