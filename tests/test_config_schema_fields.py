@@ -189,11 +189,6 @@ def _torch_load_calls(path) -> list[tuple[int, str]]:
 
 
 def test_checkpoints_are_opened_in_one_place() -> None:
-    from zipasr.decode import average
-    from zipasr.train import checkpoint
-
-    # decoding's old import path is the same function
-    assert average.load_checkpoint is checkpoint.load_checkpoint
     found = {}
     for path in sorted((ROOT / "src" / "zipasr").rglob("*.py")):
         calls = _torch_load_calls(path)

@@ -25,12 +25,11 @@ from torch import Tensor
 
 from zipasr.errors import ZipasrError
 
-# The one reader of checkpoint files (train and decode alike), re-exported: decode.py imports
-# it from here.
+# the one reader of checkpoint files (train and decode alike)
 from zipasr.train.checkpoint import load_checkpoint
 
 __all__ = ["average_checkpoints", "average_exp_dir", "average_state_dicts",
-           "average_with_averaged_model", "load_checkpoint", "strip_ddp_prefix"]
+           "average_with_averaged_model", "strip_ddp_prefix"]
 
 log = logging.getLogger(__name__)
 

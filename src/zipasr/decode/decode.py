@@ -23,11 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from zipasr.decode.average import load_checkpoint, strip_ddp_prefix
+from zipasr.decode.average import strip_ddp_prefix
 from zipasr.decode.names import result_key
 from zipasr.decode.scoring import ErrorStats, Result, save_results
 from zipasr.decode.search import search
 from zipasr.errors import ZipasrError
+from zipasr.train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
