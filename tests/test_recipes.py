@@ -1,7 +1,14 @@
-"""config/librispeech-960-M-streaming.yaml, an overlay of the M recipe: merged in order over
-config/config.yaml and config/librispeech-960-M.yaml it validates, holds icefall's streaming
-Zipformer-M run (egs/librispeech/ASR/RESULTS.md, 66,110,931 parameters) and nothing else that
-differs from the M recipe; Snakemake plans it from the two files given on the command line as
+"""The LibriSpeech 960 h recipes are a base, config/librispeech-960.yaml (what S, M and L share),
+and per-model overlays config/librispeech-960-{S,M,L}.yaml: base + overlay, merged in order over
+config/config.yaml as Snakemake merges --configfile files, resolve to exactly the recipes as they
+were when each file repeated the shared settings (tests/data/recipes_resolved.yaml); an overlay
+given without its base stops the workflow at load, naming the base. A model.vocab_size that
+disagrees with bpe.vocab_size is rejected when the DAG loads and by ``zipasr train``.
+
+config/librispeech-960-M-streaming.yaml, an overlay of the M recipe: merged in order over
+config/config.yaml, the base and config/librispeech-960-M.yaml it validates, holds icefall's
+streaming Zipformer-M run (egs/librispeech/ASR/RESULTS.md, 66,110,931 parameters) and nothing else
+that differs from the M recipe; Snakemake plans it from the three files given on the command line as
 ``make run CONFIG="..."`` passes them. And ``average.epoch``: the DAG averages at that epoch
 (default: train.num_epochs) and rejects one after the last epoch trained when it loads, as it
 rejects a causal model's chunk lists that training could not use."""
@@ -23,6 +30,7 @@ from zipasr.model import Transducer, ZipformerConfig
 from zipasr.train.config import TrainConfig, training_options
 
 DEFAULT = ROOT / "config" / "config.yaml"
+BASE = ROOT / "config" / "librispeech-960.yaml"
 M = ROOT / "config" / "librispeech-960-M.yaml"
 STREAMING = ROOT / "config" / "librispeech-960-M-streaming.yaml"
 
@@ -41,10 +49,10 @@ AVG = "epoch-30_avg-8_use-averaged-model"
 
 
 def test_streaming_recipe_is_the_m_recipe_plus_icefalls_streaming_run() -> None:
-    cfg = load_config(DEFAULT, M, STREAMING)
+    cfg = load_config(DEFAULT, BASE, M, STREAMING)
     validate_config(cfg)
     assert load_config(STREAMING) == OVERLAY
-    m = load_config(DEFAULT, M)
+    m = load_config(DEFAULT, BASE, M)
     assert cfg == merge_into(copy.deepcopy(m), OVERLAY)  # everything else is the M recipe's
     # what the overlay leans on from the M recipe: icefall's M on LibriSpeech 960 h, fp16,
     # max-duration 1000 per GPU
@@ -82,9 +90,10 @@ def _job_stats(out: str) -> dict[str, int]:
 
 
 def test_snakemake_plans_the_two_files_in_order(workdir: Path) -> None:
-    """As `make run CONFIG="config/librispeech-960-M.yaml config/...-streaming.yaml"` passes
-    them: one --configfile with both files (a dry run: nothing downloaded)."""
-    proc = snakemake(workdir, None, "-n", "-p", "--configfile", str(M), str(STREAMING))
+    """As `make run CONFIG="config/librispeech-960.yaml config/librispeech-960-M.yaml
+    config/...-streaming.yaml"` passes them: one --configfile with the three files (a dry run:
+    nothing downloaded)."""
+    proc = snakemake(workdir, None, "-n", "-p", "--configfile", str(BASE), str(M), str(STREAMING))
     out = proc.stdout + proc.stderr
     jobs = _job_stats(out)
     assert jobs["train"] == 1 and jobs["average"] == 1 and jobs["score"] == 1
@@ -146,3 +155,109 @@ def test_bad_chunk_lists_fail_at_load(workdir: Path) -> None:
     assert proc.returncode != 0 and "WorkflowError" in out
     assert "model: chunk_size 8 with left_context_frames 8 gives 8 * max(1, 8 // 8) = 8" in out
     assert "Job stats:" not in out and not (workdir / "data").exists()
+
+
+# -- the base and its overlays ---------------------------------------------------------------
+
+RESOLVED = ROOT / "tests" / "data" / "recipes_resolved.yaml"
+RECIPES = {"S": [BASE, ROOT / "config" / "librispeech-960-S.yaml"],
+           "M": [BASE, M],
+           "L": [BASE, ROOT / "config" / "librispeech-960-L.yaml"],
+           "M-streaming": [BASE, M, STREAMING]}
+
+
+def _snakemake_merge(*paths: Path) -> dict[str, Any]:
+    """config/config.yaml, then each file, merged by Snakemake's own function."""
+    import yaml
+    from snakemake.utils import update_config
+
+    cfg: dict[str, Any] = {}
+    for p in (DEFAULT, *paths):
+        update_config(cfg, yaml.safe_load(Path(p).read_text()) or {})
+    return cfg
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_base_plus_overlay_resolves_to_the_recipe_as_it_was(name: str) -> None:
+    """tests/data/recipes_resolved.yaml holds each recipe's files as they were before the split
+    (config/librispeech-960-{S,M,L}.yaml at commit cf80a2f, with the streaming overlay merged
+    over M); merged over today's config/config.yaml it is what base + overlay must resolve to."""
+    import yaml
+
+    before = yaml.safe_load(RESOLVED.read_text())[name]
+    expected = merge_into(load_config(DEFAULT), before)
+    resolved = load_config(DEFAULT, *RECIPES[name])
+    assert resolved == expected
+    assert _snakemake_merge(*RECIPES[name]) == resolved  # load_config merges like Snakemake
+    validate_config(resolved)
+
+
+@pytest.mark.parametrize("size", ["S", "M", "L"])
+def test_overlays_hold_only_what_differs(size: str) -> None:
+    """Of the base's settings an overlay repeats only corpus.name (its guard against being used
+    alone); the rest of each overlay is what S, M and L set differently."""
+    def leaves(d: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    base = leaves(load_config(BASE))
+    overlay = leaves(load_config(RECIPES[size][1]))
+    assert set(base) & set(overlay) == {"corpus.name"}
+    assert overlay["corpus.name"] == base["corpus.name"] == "librispeech"
+    assert set(overlay) == {"exp_dir", "corpus.name", "model.preset", "train.base_lr",
+                            "train.max_duration", "average.avg"}
+    assert overlay["model.preset"] == size and overlay["exp_dir"] == f"exp/librispeech-960-{size}"
+
+
+@pytest.mark.parametrize("files", [["librispeech-960-M.yaml"],
+                                   ["librispeech-960-M.yaml", "librispeech-960-M-streaming.yaml"]],
+                         ids=["M", "M-streaming"])
+def test_overlay_without_its_base_fails_at_load(workdir: Path, files: list[str]) -> None:
+    """Alone, an overlay would train Zipformer-M on config/config.yaml's synthetic corpus: its
+    corpus.name librispeech meets the synth parts, and the workflow names the base to add."""
+    proc = snakemake(workdir, None, "-n", "--configfile",
+                     *(str(ROOT / "config" / f) for f in files), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "WorkflowError" in out
+    assert "corpus.name librispeech: unknown part(s) train, dev, test" in out
+    assert "--configfile config/librispeech-960.yaml config/librispeech-960-M.yaml" in out
+    assert "Job stats:" not in out and not (workdir / "data").exists()
+
+
+# -- model.vocab_size: the BPE model's size or an error --------------------------------------
+
+def test_model_vocab_size_that_disagrees_with_bpe_fails_at_load(workdir: Path) -> None:
+    cfg = _smoke()
+    cfg = merge_into(cfg, {"model": {"vocab_size": cfg["bpe"]["vocab_size"] + 1}})
+    proc = snakemake(workdir, cfg, "-n", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "WorkflowError" in out
+    v = cfg["bpe"]["vocab_size"]
+    assert f"model.vocab_size {v + 1} disagrees with bpe.vocab_size {v}" in out
+    assert "Job stats:" not in out and not (workdir / "data").exists()
+
+
+def test_train_rejects_model_vocab_size_other_than_the_bpe_models(tmp_path: Path) -> None:
+    from zipasr.errors import ZipasrError
+    from zipasr.lang.bpe import train_bpe
+    from zipasr.train.trainer import Trainer
+
+    words = "one two three four five six seven eight nine ten".split()
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(" ".join(words[i:] + words[:i]) for i in range(10)) * 5 + "\n")
+    bpe = train_bpe(text, tmp_path / "lang", 24)
+
+    def build(model: dict[str, Any]) -> Trainer:
+        t = Trainer(TrainConfig.from_dict({"device": "cpu"}), model, train_cuts=[],
+                    valid_cuts=[], bpe_model=bpe, exp_dir=tmp_path / "exp", progress=False)
+        t._build()
+        return t
+
+    with pytest.raises(ZipasrError, match=r"model.vocab_size 500 disagrees with the BPE "
+                                          r"model's vocabulary size 24"):
+        build({"preset": "xs", "vocab_size": 500})
+    # the BPE model's size, given or not, builds the model
+    assert build({"preset": "xs", "vocab_size": 24}).model_config.vocab_size == 24
+    assert build({"preset": "xs"}).model_config.vocab_size == 24

@@ -27,7 +27,8 @@ def test_full_run_plan_lists_every_job(workdir: Path) -> None:
     proc = subprocess.run(
         [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "-n",
          "--profile", str(ROOT / "workflow/profiles/slurm"), "--configfile",
-         str(ROOT / "config/librispeech-960-M.yaml"), str(overlay)],
+         str(ROOT / "config/librispeech-960.yaml"), str(ROOT / "config/librispeech-960-M.yaml"),
+         str(overlay)],
         cwd=workdir, env=tool_env(), capture_output=True, text=True)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]

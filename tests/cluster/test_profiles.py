@@ -17,7 +17,12 @@ import pytest
 import yaml
 from helpers import BIN, ROOT, tool_env
 
+from zipasr.config import load_config
+
 PROFILES = ROOT / "workflow" / "profiles"
+# a LibriSpeech 960 h recipe: the base, then the model's overlay (Snakemake merges them in order)
+BASE = ROOT / "config" / "librispeech-960.yaml"
+RECIPE_M = [str(BASE), str(ROOT / "config" / "librispeech-960-M.yaml")]
 
 
 def _snakemake(workdir: Path, *args: str, env: dict | None = None,
@@ -45,7 +50,7 @@ def test_librispeech_960_m_plans_on_slurm_with_site_settings(workdir: Path) -> N
     site = {"ZIPASR_SLURM_PARTITION": "gpu", "ZIPASR_SLURM_ACCOUNT": "asr",
             "ZIPASR_GPU_MODEL": "a100", "ZIPASR_TRAIN_GPUS": "8"}
     proc = _snakemake(workdir, "-n", "--profile", str(PROFILES / "slurm"),
-                      "--configfile", str(ROOT / "config" / "librispeech-960-M.yaml"), env=site)
+                      "--configfile", *RECIPE_M, env=site)
     out = proc.stdout + proc.stderr
     res = _planned_resources(out)
     for rule in ("download_librispeech", "prepare_librispeech", "fbank", "bpe", "train",
@@ -62,11 +67,10 @@ def test_train_job_launches_one_process_per_gpu(workdir: Path) -> None:
     """The train rule's DDP launch from the profile: GPUs per node -> --nproc-per-node; several
     nodes -> --nodes, a per-node --gres and the `mpi` resource (the rule runs in the batch step,
     from where zipasr train starts one torchrun per node)."""
-    recipe = str(ROOT / "config" / "librispeech-960-M.yaml")
     for nodes, want in (("1", "gpu=4"), ("2", "nodes=2")):
         env = {"ZIPASR_TRAIN_GPUS": "4", "ZIPASR_TRAIN_NODES": nodes, "ZIPASR_GPU_MODEL": "a100"}
         out = _snakemake(workdir, "-n", "-p", "--profile", str(PROFILES / "slurm"),
-                         "--configfile", recipe, "--until", "train", env=env).stdout
+                         "--configfile", *RECIPE_M, "--until", "train", env=env).stdout
         res = _planned_resources(out)["train"]
         assert want in res, res
         if nodes == "2":
@@ -77,14 +81,11 @@ def test_train_job_launches_one_process_per_gpu(workdir: Path) -> None:
 @pytest.mark.parametrize("recipe", sorted((ROOT / "config").glob("librispeech-960-*.yaml")),
                          ids=lambda p: p.stem)
 def test_recipe_validates_and_plans(recipe: Path, workdir: Path) -> None:
-    # an overlay (config/librispeech-960-M-streaming.yaml) is given after its base recipe
-    files = [recipe]
+    # every recipe is an overlay of the base; the streaming one also of the M recipe
+    files = [BASE, recipe]
     if recipe.stem.endswith("-streaming"):
-        files.insert(0, recipe.with_name(recipe.stem.removesuffix("-streaming") + ".yaml"))
-    cfg: dict = {}
-    for f in files:
-        for key, value in yaml.safe_load(f.read_text()).items():
-            cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+        files.insert(1, recipe.with_name(recipe.stem.removesuffix("-streaming") + ".yaml"))
+    cfg = load_config(*files)
     out = _snakemake(workdir, "-n", "--profile", str(PROFILES / "local"),
                      "--configfile", *map(str, files)).stdout
     epoch = cfg["average"].get("epoch", cfg["train"]["num_epochs"])

@@ -38,6 +38,34 @@ if CORPUS["name"] == "synth" and set(ALL_PARTS) - {"train", "dev", "test"}:
     raise ValueError(
         f"corpus.name synth has parts train, dev and test only; got {ALL_PARTS}"
     )
+# LibriSpeech parts are checked now, not by the download job. A LibriSpeech 960 h overlay
+# (config/librispeech-960-{S,M,L}.yaml) given without its base has config/config.yaml's
+# synthetic-corpus parts: say which file to add rather than train an icefall model on them.
+if CORPUS["name"] == "librispeech":
+    from zipasr.data.librispeech import FULL_PARTS, MINI_PARTS
+
+    _unknown = [p for p in ALL_PARTS if p not in MINI_PARTS + FULL_PARTS]
+    if _unknown:
+        _hint = ""
+        if set(ALL_PARTS) <= {"train", "dev", "test"}:
+            _hint = (
+                "; these are config/config.yaml's synthetic-corpus parts: the LibriSpeech 960 h"
+                " recipes config/librispeech-960-{S,M,L}.yaml are overlays of"
+                " config/librispeech-960.yaml, which sets the parts: give it first, e.g."
+                " --configfile config/librispeech-960.yaml config/librispeech-960-M.yaml"
+            )
+        raise WorkflowError(
+            f"corpus.name librispeech: unknown part(s) {', '.join(_unknown)}"
+            f" (known: {', '.join(MINI_PARTS + FULL_PARTS)}){_hint}"
+        )
+# The model's output size is the BPE model's (zipasr train rejects a model.vocab_size that
+# disagrees with it): a different model.vocab_size is a mistake, caught before any job runs
+if "vocab_size" in config["model"] and config["model"]["vocab_size"] != config["bpe"]["vocab_size"]:
+    raise WorkflowError(
+        f"model.vocab_size {config['model']['vocab_size']} disagrees with bpe.vocab_size "
+        f"{config['bpe']['vocab_size']}: the model's output size is the BPE model's; "
+        f"drop model.vocab_size (or set it to {config['bpe']['vocab_size']})"
+    )
 
 
 wildcard_constraints:

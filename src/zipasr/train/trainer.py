@@ -187,6 +187,12 @@ class Trainer:
         rnnt_loss.set_backend(cfg.rnnt_backend)
         self.sp = spm.SentencePieceProcessor(model_file=str(self.bpe_model))
         mc = dict(self.model_config_in)
+        # the BPE model's size is the model's output size: a model.vocab_size that disagrees is
+        # an error, not silently replaced (the workflow rejects it too when the DAG loads)
+        if "vocab_size" in mc and mc["vocab_size"] != self.sp.get_piece_size():
+            raise ZipasrError(f"model.vocab_size {mc['vocab_size']} disagrees with the BPE "
+                              f"model's vocabulary size {self.sp.get_piece_size()} "
+                              f"({self.bpe_model}); drop model.vocab_size")
         mc["vocab_size"] = self.sp.get_piece_size()
         try:
             self.model_config = ZipformerConfig.from_dict(mc)
