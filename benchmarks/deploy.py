@@ -49,7 +49,7 @@ def pytorch_transcriber(model_path: Path, bpe_model: Path, method: str, beam: in
     import sentencepiece as spm
     from lhotse import Fbank, FbankConfig
 
-    from zipasr.decode.decode import load_model
+    from zipasr.decode.model import load_model
     from zipasr.decode.search import search
 
     sp = spm.SentencePieceProcessor(model_file=str(bpe_model))

@@ -37,7 +37,8 @@ FRAME_SECONDS = 0.01  # feature frame shift
 def load(args: argparse.Namespace) -> tuple[object, list[torch.Tensor], float]:
     from lhotse import CutSet
 
-    from zipasr.decode.decode import FeatureLoader, load_model
+    from zipasr.decode.features import FeatureLoader
+    from zipasr.decode.model import load_model
 
     model = load_model(args.model)
     cuts = CutSet.from_file(args.cuts).to_eager()

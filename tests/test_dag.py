@@ -117,7 +117,8 @@ def assert_sherpa_decodes_like_zipasr(workdir: Path, exp: Path, beam: int) -> No
     from lhotse import CutSet
     from onnx_helpers import agreement, read_recogs, recognizer, sherpa_decode
 
-    from zipasr.decode.decode import FeatureLoader, collate_features, load_model
+    from zipasr.decode.features import FeatureLoader, collate_features
+    from zipasr.decode.model import load_model
     from zipasr.deploy.onnx_export import FP32_FILES, INT8_FILES, ort_session
 
     onnx_dir = exp / "onnx"

@@ -124,7 +124,7 @@ def assert_sherpa_agrees_on_a_talking_model(workdir: Path, model_pt: Path, cuts_
     from lhotse import CutSet
     from onnx_helpers import recognizer, result_ids, sherpa_stream_decode
 
-    from zipasr.decode.decode import load_model
+    from zipasr.decode.model import load_model
 
     cuts = CutSet.from_file(cuts_path).with_features_path_prefix(workdir)
     cuts = cuts.with_recording_path_prefix(workdir).to_eager()

@@ -15,7 +15,7 @@ import torch
 from helpers import babble, peaky_xs_model, write_manifests
 
 from zipasr.decode.cli import register
-from zipasr.decode.decode import set_name_from_path
+from zipasr.decode.features import set_name_from_path
 from zipasr.decode.scoring import error_stats, read_recogs
 from zipasr.errors import ZipasrError
 
@@ -169,7 +169,8 @@ def test_batching(setup: dict[str, Path], tmp_path: Path) -> None:
     batches cuts longest first; a run with one cut per batch still covers every cut."""
     from lhotse import CutSet
 
-    from zipasr.decode.decode import collate_features, load_model
+    from zipasr.decode.features import collate_features
+    from zipasr.decode.model import load_model
     from zipasr.decode.search import greedy_search_batch, modified_beam_search
 
     model = load_model(setup["exp"] / "epoch-2.pt")

@@ -82,7 +82,7 @@ def pytorch_search(model: Transducer, waves: list[np.ndarray], method: str) -> l
     features), forward_encoder, zipasr.decode.search."""
     from lhotse import Fbank, FbankConfig
 
-    from zipasr.decode.decode import collate_features
+    from zipasr.decode.features import collate_features
     from zipasr.decode.search import search
 
     fbank = Fbank(FbankConfig(num_mel_bins=80, frame_shift=0.01, dither=0.0))

@@ -205,7 +205,7 @@ def test_json_timestamps(setup: dict, capsys: pytest.CaptureFixture) -> None:
     their first piece. Beam 1 reports greedy's frames; beam 4's are increasing too."""
     from lhotse import CutSet, Fbank, FbankConfig
 
-    from zipasr.decode.decode import load_model
+    from zipasr.decode.model import load_model
 
     model = load_model(setup["ckpt"])
     tr = load_transcriber(setup["ckpt"], setup["bpe"])

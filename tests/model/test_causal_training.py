@@ -13,7 +13,7 @@
 * The causal M state dict: the non-causal one with each convolution module's depthwise conv
   replaced by icefall's ChunkCausalDepthwiseConv1d tensors.
 * A few real Trainer steps on a causal xs model: checkpoints that say causal and carry the
-  lists, loaded back strictly by ``zipasr.decode.decode.load_model``.
+  lists, loaded back strictly by ``zipasr.decode.model.load_model``.
 """
 
 from __future__ import annotations
@@ -378,7 +378,7 @@ def test_trainer_trains_a_causal_model(trained: dict[str, Any]) -> None:
 @pytest.mark.parametrize("name", ["epoch-1.pt", "checkpoint-2.pt"])
 def test_causal_checkpoint_says_so_and_loads_strictly(trained: dict[str, Any],
                                                       name: str) -> None:
-    from zipasr.decode.decode import load_model
+    from zipasr.decode.model import load_model
 
     path = trained["exp"] / name
     ckpt = torch.load(path, map_location="cpu", weights_only=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 def add_model_arguments(p: argparse.ArgumentParser,
                         vocab_default: str = "the BPE model's") -> None:
     """``--model`` and what a file without its own model_config needs (what
-    ``decode.load_model`` takes); shared by decode, transcribe and export-onnx."""
+    ``model.load_model`` takes); shared by decode, transcribe and export-onnx."""
     p.add_argument("--model", type=Path, required=True,
                    help="training checkpoint (epoch-N.pt), averaged model (zipasr average), "
                         "or icefall pretrained.pt (with --preset/--model-config)")
@@ -23,7 +23,7 @@ def add_model_arguments(p: argparse.ArgumentParser,
 
 def model_config_of(args: argparse.Namespace) -> dict | None:
     """The model configuration ``add_model_arguments``' options give, for ``load_model``."""
-    from zipasr.decode.decode import parse_model_config
+    from zipasr.decode.model import parse_model_config
 
     cfg = parse_model_config(args.model_config)
     if args.preset is not None:
@@ -117,7 +117,8 @@ def _decode(args: argparse.Namespace) -> int:
     import sentencepiece as spm
     import torch
 
-    from zipasr.decode.decode import decode_and_score, load_model
+    from zipasr.decode.driver import decode_and_score
+    from zipasr.decode.model import load_model
     from zipasr.errors import ZipasrError
 
     log = logging.getLogger("zipasr.decode")
@@ -149,7 +150,7 @@ def _decode(args: argparse.Namespace) -> int:
 
 def streaming_of(args: argparse.Namespace):
     """The ``Streaming`` settings of decode's options, or None (whole utterances)."""
-    from zipasr.decode.decode import Streaming
+    from zipasr.decode.driver import Streaming
     from zipasr.errors import ZipasrError
 
     if args.chunk_size is None and not args.streaming:

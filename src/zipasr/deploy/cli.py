@@ -165,7 +165,7 @@ def _register_export_onnx(sub: argparse._SubParsersAction) -> None:
 def _export_onnx(args: argparse.Namespace) -> int:
     import logging
 
-    from zipasr.decode.decode import load_model
+    from zipasr.decode.model import load_model
     from zipasr.deploy.onnx_export import export_onnx
     from zipasr.errors import ZipasrError
     from zipasr.lang.bpe import read_tokens

@@ -187,10 +187,10 @@ class Transcriber:
 
     def __init__(self, model: Any, sp: Any, *, method: str = "greedy_search", beam: int = 4,
                  device: str | torch.device = "cpu", streaming: Any = None) -> None:
-        """``streaming``: a ``zipasr.decode.decode.Streaming`` for a causal model (chunk-wise
+        """``streaming``: a ``zipasr.decode.driver.Streaming`` for a causal model (chunk-wise
         or simulated, as ``zipasr decode``); without it a causal model hears whole files."""
         from zipasr.data.fbank import FbankOptions, fbank_extractor
-        from zipasr.decode.decode import prepare_causal
+        from zipasr.decode.driver import prepare_causal
         from zipasr.decode.search import METHODS
 
         if method not in METHODS:
@@ -215,7 +215,7 @@ class Transcriber:
         """Decode one batch (padded with LOG_EPSILON, as ``zipasr decode`` pads); results in
         the order of ``items``."""
         from zipasr.decode import streaming as st
-        from zipasr.decode.decode import MIN_FRAMES, collate_features
+        from zipasr.decode.features import MIN_FRAMES, collate_features
         from zipasr.decode.search import search
 
         out: dict[int, Transcript] = {}
@@ -314,7 +314,7 @@ def load_transcriber(model_path: Path, bpe_model: Path, *, model_config: dict | 
     pretrained.pt with a config) and the BPE model; check that their vocabularies agree."""
     import sentencepiece as spm
 
-    from zipasr.decode.decode import load_model
+    from zipasr.decode.model import load_model
 
     if not Path(bpe_model).is_file():
         raise ZipasrError(f"BPE model {bpe_model} does not exist")

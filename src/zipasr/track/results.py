@@ -99,7 +99,7 @@ def _log_model(client: Any, run_id: str, spec: TrackingSpec, model_path: Path) -
     import mlflow.pytorch
     import torch
 
-    from zipasr.decode.decode import load_model
+    from zipasr.decode.model import load_model
 
     net = load_model(model_path)
     mlflow.set_tracking_uri(spec.tracking_uri())

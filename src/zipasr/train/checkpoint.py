@@ -7,7 +7,7 @@ icefall's params flattened at the top level (``batch_idx_train``, ``cur_epoch``,
 
 Every checkpoint file in the project is opened by :func:`load_checkpoint` here: training's
 resume, checkpoint averaging and loading a model to decode, transcribe or export (through
-``zipasr.decode.decode.load_model``). It raises :class:`CheckpointError` (a ZipasrError, so the
+``zipasr.decode.model.load_model``). It raises :class:`CheckpointError` (a ZipasrError, so the
 CLI prints it as one line) for a missing, unreadable or incomplete file.
 
 Resuming (:func:`resume`) falls back past a truncated, garbled or missing newest file to the
