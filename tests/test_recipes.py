@@ -252,7 +252,7 @@ def test_train_rejects_model_vocab_size_other_than_the_bpe_models(tmp_path: Path
     def build(model: dict[str, Any]) -> Trainer:
         t = Trainer(TrainConfig.from_dict({"device": "cpu"}), model, train_cuts=[],
                     valid_cuts=[], bpe_model=bpe, exp_dir=tmp_path / "exp", progress=False)
-        t._build()
+        t._setup()
         return t
 
     with pytest.raises(ZipasrError, match=r"model.vocab_size 500 disagrees with the BPE "

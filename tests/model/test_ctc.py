@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -162,13 +163,11 @@ class _LossOnly(Trainer):
 
     def __init__(self, model: Transducer, ctc_loss_scale: float, batch_idx_train: int) -> None:
         self.cfg = TrainConfig.from_dict({"ctc_loss_scale": ctc_loss_scale, "warm_step": 100})
-        self.model = model
+        self.state = SimpleNamespace(model=model, ddp=None, batch_idx_train=batch_idx_train)
         self.device = torch.device("cpu")
         self.sp = _Tokens()
-        self.ddp = None
         self.autocast_dtype = None
         self.joiner_bf16 = False
-        self.batch_idx_train = batch_idx_train
 
 
 class _Tokens:

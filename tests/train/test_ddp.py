@@ -67,7 +67,8 @@ def _trainer(paths: dict[str, Path], exp: Path, loss_scale: float = 1.0, **train
                 for b in first:
                     self._losses(b)[0].backward()
                 return self._losses(last)
-            batch = dict(batch, inputs=batch["inputs"].to(next(self.model.parameters()).dtype))
+            dtype = next(self.state.model.parameters()).dtype
+            batch = dict(batch, inputs=batch["inputs"].to(dtype))
             loss, info = super()._losses(batch)
             return loss * loss_scale, info
 
@@ -75,8 +76,8 @@ def _trainer(paths: dict[str, Path], exp: Path, loss_scale: float = 1.0, **train
                train_cuts=[paths["train"]], valid_cuts=[paths["dev"]], bpe_model=paths["bpe"],
                exp_dir=exp, progress=False)
     torch.manual_seed(0)
-    t._build()
-    t.batch_idx_train, t.bad_in_a_row, t.bad_total = 0, 0, 0
+    t._setup()
+    t.state = t._new_state(data=False)  # counters at 0
     return t
 
 
@@ -127,8 +128,8 @@ def _micro_batches(paths: dict[str, Path], world_size: int) -> list[dict]:
 
 
 def _step(t, batch):
-    t._set_batch_count(t.batch_idx_train)
-    t.batch_idx_train += 1
+    t._set_batch_count(t.state.batch_idx_train)
+    t.state.batch_idx_train += 1
     return t._train_step(batch)
 
 
@@ -138,7 +139,7 @@ def _valid(t, paths):
     valid, _ = filter_cuts(load_cuts([paths["dev"]]), t.sp, 0.0, float("inf"))
     if t.world_size > 1:  # the trainer's own sharding (Trainer._data)
         valid = valid.subset(cut_ids=list(valid.ids)[t.rank::t.world_size])
-    t.valid_loader = make_valid_loader(valid, t.cfg.max_duration)
+    t.state.valid_loader = make_valid_loader(valid, t.cfg.max_duration)
     return t.validate()
 
 
@@ -168,32 +169,32 @@ def _run_steps(t, paths: dict[str, Path], out: Path, reference_of: int) -> dict:
     res = {"valid0": _valid(t, paths)}
     batches = (_micro_batches(paths, reference_of) if reference_of
                else _batches(paths, t.world_size, t.rank))
-    with _deterministic(t.model):  # the comparison with one process
+    with _deterministic(t.state.model):  # the comparison with one process
         for batch in batches:
             assert _step(t, batch) is not None
-    torch.save(t.model.state_dict(), out / f"eval-rank{t.rank}.pt")
+    torch.save(t.state.model.state_dict(), out / f"eval-rank{t.rank}.pt")
     # what the model's schedules were last given (batch 2 of 3), and Eden's learning rate
     from zipasr.model.scaling import ScheduledFloat
 
-    res["batch_count"] = next(m.batch_count for m in t.model.modules()
+    res["batch_count"] = next(m.batch_count for m in t.state.model.modules()
                               if isinstance(m, ScheduledFloat))
-    res["lr"] = t.scheduler.get_last_lr()[0]
+    res["lr"] = t.state.scheduler.get_last_lr()[0]
     if t.world_size == 1:
         return res
-    t.model.train()  # stochastic: ranks must still agree bit for bit
+    t.state.model.train()  # stochastic: ranks must still agree bit for bit
     batches = _batches(paths, t.world_size, t.rank)
     for batch in batches[:2]:
         assert _step(t, batch) is not None
-    torch.save(t.model.state_dict(), out / f"train-rank{t.rank}.pt")
-    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    torch.save(t.state.model.state_dict(), out / f"train-rank{t.rank}.pt")
+    before = {k: v.clone() for k, v in t.state.model.state_dict().items()}
     bad = dict(batches[2], inputs=batches[2]["inputs"].clone())
     if t.rank == 1:
         bad["inputs"][:] = float("nan")
     res["bad_step"] = _step(t, bad)
-    res["unchanged_after_bad"] = all(torch.equal(v, t.model.state_dict()[k])
+    res["unchanged_after_bad"] = all(torch.equal(v, t.state.model.state_dict()[k])
                                      for k, v in before.items())
     res["after_bad"] = _step(t, batches[2]) is not None
-    torch.save(t.model.state_dict(), out / f"final-rank{t.rank}.pt")
+    torch.save(t.state.model.state_dict(), out / f"final-rank{t.rank}.pt")
     return res
 
 
@@ -262,7 +263,7 @@ def test_ddp_steps_match_single_process(corpus, tmp_path: Path) -> None:
     # module docstring for why this is exact and not a matter of tolerance)
     got = torch.load(ddp / "eval-rank0.pt")
     exp = torch.load(ref / "eval-rank0.pt")
-    init = _f64_trainer(corpus, tmp_path / "init").model.state_dict()
+    init = _f64_trainer(corpus, tmp_path / "init").state.model.state_dict()
     assert got.keys() == exp.keys()
     for k, v in exp.items():
         assert got[k].dtype == v.dtype and torch.equal(got[k], v), f"{k} differs"
@@ -282,10 +283,10 @@ def test_ddp_steps_match_single_process(corpus, tmp_path: Path) -> None:
 
 
 def _gradients(t, batch: dict) -> dict[str, torch.Tensor]:
-    t.optimizer.zero_grad(set_to_none=True)
-    with _deterministic(t.model):
+    t.state.optimizer.zero_grad(set_to_none=True)
+    with _deterministic(t.state.model):
         t._losses(batch)[0].backward()
-    return {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+    return {n: p.grad.clone() for n, p in t.state.model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -370,8 +371,8 @@ def test_zipasr_train_two_ranks(corpus, tmp_path: Path) -> None:
     logged = [json.loads(x) for x in (exp / "metrics.jsonl").read_text().splitlines()]
     valid = [r["valid_loss"] for r in logged if "valid_loss" in r]
     t = _trainer(dict(corpus, dev=corpus["dev_eq"]), tmp_path / "single")
-    t.model.load_state_dict(ck["model"])
-    t.batch_idx_train = ck["batch_idx_train"]
+    t.state.model.load_state_dict(ck["model"])
+    t.state.batch_idx_train = ck["batch_idx_train"]
     assert valid == [summary["valid_loss"]]
     assert _valid(t, dict(corpus, dev=corpus["dev_eq"])) == pytest.approx(valid[-1], rel=1e-6)
 

@@ -135,12 +135,12 @@ def test_start_up_reads_the_head_of_the_manifest(corpus, tmp_path: Path) -> None
 
     torch.set_num_threads(1)
     t = _trainer(corpus, tmp_path / "exp", train=[big], buffer_size=500)
-    t._build()
-    t._data()
-    t.sampler.set_epoch(0)
-    batch = next(iter(t.train_loader))
+    t._setup()
+    t.state = t._new_state()
+    t.state.sampler.set_epoch(0)
+    batch = next(iter(t.state.train_loader))
     assert "load_error" not in batch and batch["inputs"].shape[0] >= 3
-    assert t.train_set.last_pass is None and t.train_stats is None  # not counted yet
+    assert t.state.train_set.last_pass is None and t.state.train_stats is None  # not counted yet
 
 
 def test_data_size_counted_by_the_first_pass_and_kept(corpus, tmp_path: Path) -> None:

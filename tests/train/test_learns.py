@@ -123,8 +123,8 @@ def overfit(root: Path, seed: int) -> dict:
     t = Trainer(TrainConfig.from_dict(dict(TRAIN, seed=seed)), dict(MODEL),
                 train_cuts=[paths["cuts"]], valid_cuts=[paths["cuts"]], bpe_model=paths["bpe"],
                 exp_dir=root / "exp", progress=False)
-    t._build()
-    t.batch_idx_train, t.bad_in_a_row, t.bad_total = 0, 0, 0
+    t._setup()
+    t.state = t._new_state(data=False)  # counters at 0
     cuts = CutSet.from_file(paths["cuts"])
     kept, _ = filter_cuts(cuts, t.sp, 0.0, float("inf"))
     assert len(kept) == len(TEXTS), "the Trainer's filter would drop some of these cuts"
@@ -135,28 +135,28 @@ def overfit(root: Path, seed: int) -> dict:
     texts = batch["supervisions"]["text"]
 
     def decode() -> list[str]:
-        t.model.eval()
+        t.state.model.eval()
         with torch.no_grad():
-            enc, lens = t.model.forward_encoder(batch["inputs"],
+            enc, lens = t.state.model.forward_encoder(batch["inputs"],
                                                 batch["supervisions"]["num_frames"])
-            hyps = greedy_search_batch(t.model, enc, lens)
-        t.model.train()
+            hyps = greedy_search_batch(t.state.model, enc, lens)
+        t.state.model.train()
         return [t.sp.decode(h.tokens) for h in hyps]
 
     before = decode()
     # what Trainer.run does at the start of epoch 1
-    t.scheduler.step_epoch(0)
+    t.state.scheduler.step_epoch(0)
     ckpt.fix_random_seed(seed)
     infos = []
     t0 = time.perf_counter()
     for _ in range(STEPS):
-        t._set_batch_count(t.batch_idx_train)
-        t.batch_idx_train += 1
+        t._set_batch_count(t.state.batch_idx_train)
+        t.state.batch_idx_train += 1
         info = t._train_step(batch)
-        assert info is not None, f"step {t.batch_idx_train} was skipped as a bad batch"
+        assert info is not None, f"step {t.state.batch_idx_train} was skipped as a bad batch"
         infos.append(info)
     return {"texts": texts, "before": before, "after": decode(), "infos": infos,
-            "seconds": time.perf_counter() - t0, "model": t.model.eval(), "paths": paths,
+            "seconds": time.perf_counter() - t0, "model": t.state.model.eval(), "paths": paths,
             "audio": sorted((root / "corpus" / "audio").glob("utt*.flac"))}
 
 

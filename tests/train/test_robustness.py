@@ -264,13 +264,14 @@ def test_training_with_noise(corpus, noise_cuts, tmp_path: Path) -> None:
 class _DtypeProbe(Trainer):
     """Records the output dtypes of a Conv-Embed matmul and of the joiner (forward hooks)."""
 
-    def _build(self) -> None:
-        super()._build()
+    def _new_state(self):
+        state = super()._new_state()
         self.seen: set[tuple[str, torch.dtype]] = set()
-        for name, mod in (("embed.out", self.model.encoder_embed.out),
-                          ("joiner", self.model.joiner)):
+        for name, mod in (("embed.out", state.model.encoder_embed.out),
+                          ("joiner", state.model.joiner)):
             mod.register_forward_hook(
                 lambda m, args, out, name=name: self.seen.add((name, out.dtype)))
+        return state
 
 
 @pytest.mark.parametrize("setting,native,expected", [

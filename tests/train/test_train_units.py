@@ -4,6 +4,8 @@ batches)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -24,23 +26,23 @@ def test_running_average_is_uniform_mean_of_snapshots() -> None:
     class Stub(Trainer):
         def __init__(self) -> None:  # only what _update_average reads
             self.cfg = type("C", (), {"average_period": 3})()
-            self.model = torch.nn.Linear(2, 2)
-            self.model_avg = {k: v.detach().double().clone()
-                              for k, v in self.model.state_dict().items()}
+            model = torch.nn.Linear(2, 2)
+            self.state = SimpleNamespace(model=model, batch_idx_train=0, model_avg={
+                k: v.detach().double().clone() for k, v in model.state_dict().items()})
 
     t = Stub()
     snapshots = []
     torch.manual_seed(0)
     for b in range(1, 31):
         with torch.no_grad():
-            t.model.weight.add_(torch.randn(2, 2))
+            t.state.model.weight.add_(torch.randn(2, 2))
         if b % 3 == 0:
-            t.batch_idx_train = b
+            t.state.batch_idx_train = b
             t._update_average()
-            snapshots.append(t.model.weight.detach().double().clone())
+            snapshots.append(t.state.model.weight.detach().double().clone())
     expected = torch.stack(snapshots).mean(0)
-    torch.testing.assert_close(t.model_avg["weight"], expected, rtol=1e-12, atol=1e-12)
-    assert t.model_avg["weight"].dtype == torch.float64
+    torch.testing.assert_close(t.state.model_avg["weight"], expected, rtol=1e-12, atol=1e-12)
+    assert t.state.model_avg["weight"].dtype == torch.float64
 
 
 def test_native_bf16_matches_cpu_flags() -> None:

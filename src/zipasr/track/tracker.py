@@ -1,9 +1,12 @@
-"""The training run's tracker: the trainer calls start / log_train / log_valid / finish."""
+"""The training run's tracker: the trainer calls start / log_train / log_valid / finish, each
+with a plain record of what to log (:class:`RunInfo`, a metrics dict, numbers); the tracker
+never reads the trainer."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,23 @@ from zipasr.track.spec import TrackingSpec
 log = logging.getLogger("zipasr.track")
 
 MAX_KEPT = 50_000  # metric values kept in memory during an outage (~12 MB), for a reconnection
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the trainer tells the tracker at the start of a run (or a resume)."""
+
+    exp_dir: Path
+    fingerprint: str             # zipasr.train.config.fingerprint of the run
+    batch_idx_train: int         # where the run starts (> 0: resumed)
+    log_interval: int            # train.log_interval: the default metrics interval
+    train_config: dict[str, Any]  # the resolved train config (TrainConfig.to_dict())
+    model_config: dict[str, Any]  # the resolved model config (asdict(ZipformerConfig))
+    num_params: int
+    device: Any                  # torch.device trained on
+    input_md5: dict[Path, str]   # the input files' md5 sums (data tags)
+    numerics: dict[str, Any]     # zipasr.train.numerics facts
+    bpe_model: Path
 
 
 class Tracker:
@@ -42,15 +62,15 @@ class Tracker:
     def active(self) -> bool:
         return self.run_id is not None and self.guard.enabled
 
-    def start(self, trainer: Any, resumed: bool) -> None:
-        self.exp_dir = Path(trainer.exp_dir)
+    def start(self, run: RunInfo, resumed: bool) -> None:
+        self.exp_dir = Path(run.exp_dir)
         opened = open_client(self.spec, self.guard)
         if opened is None:
             return
         self.client, eid = opened
-        self.interval = self.spec.metrics_interval or trainer.cfg.log_interval
-        got = self.guard(experiment_run, self.client, eid, self.spec, trainer.exp_dir,
-                         trainer.fp)
+        self.interval = self.spec.metrics_interval or run.log_interval
+        got = self.guard(experiment_run, self.client, eid, self.spec, run.exp_dir,
+                         run.fingerprint)
         if got is None:
             return
         self.run_id, created = got
@@ -58,27 +78,25 @@ class Tracker:
             # resume (or a rerun of the same configuration): continue the same run
             self.guard(self.client.update_run, self.run_id, status="RUNNING")
             self.guard(self.client.set_tag, self.run_id, "resumed_at_batch",
-                       str(trainer.batch_idx_train))
+                       str(run.batch_idx_train))
             log.info("MLflow: continuing run %s (resumed=%s)", self.run_id, resumed)
             return
         log.info("MLflow: run %s in experiment %r at %s", self.run_id, self.spec.experiment,
                  self.spec.tracking_uri())
-        from dataclasses import asdict
-
         params = lineage.flatten(self.spec.config) if self.spec.config else {}
         # what the trainer actually resolved (presets expanded, defaults filled in)
-        params.update(lineage.flatten({"resolved.train": trainer.cfg.to_dict(),
-                                       "resolved.model": asdict(trainer.model_config)}))
-        params["num_params"] = str(trainer.num_params)
-        tags = {**self.spec.tags, **lineage.git_tags(), **lineage.host_tags(trainer.device),
-                **lineage.data_tags(trainer.input_md5),
-                **lineage.flatten({"numerics": trainer.numerics}),  # zipasr.train.numerics
-                "fingerprint": trainer.fp, "mlflow.note.content":
-                    f"zipasr training run of {trainer.exp_dir}"}
+        params.update(lineage.flatten({"resolved.train": run.train_config,
+                                       "resolved.model": run.model_config}))
+        params["num_params"] = str(run.num_params)
+        tags = {**self.spec.tags, **lineage.git_tags(), **lineage.host_tags(run.device),
+                **lineage.data_tags(run.input_md5),
+                **lineage.flatten({"numerics": run.numerics}),  # zipasr.train.numerics
+                "fingerprint": run.fingerprint, "mlflow.note.content":
+                    f"zipasr training run of {run.exp_dir}"}
         self._log_batch(params=params, tags=tags)
         if self.spec.config:
             self.guard(self.client.log_dict, self.run_id, self.spec.config, "config.yaml")
-        for p in (trainer.bpe_model, trainer.bpe_model.parent / "tokens.txt"):
+        for p in (run.bpe_model, run.bpe_model.parent / "tokens.txt"):
             if p.is_file():
                 self.guard(self.client.log_artifact, self.run_id, str(p), "lang")
 
@@ -98,20 +116,12 @@ class Tracker:
             self.guard(self.client.log_batch, self.run_id, metrics=ms if i == 0 else [],
                        params=ps[i:i + 100], tags=ts_ if i == 0 else [])
 
-    def log_train(self, rec: dict[str, Any], optimizer: Any = None) -> None:
-        """One metrics.jsonl record (losses, lr, throughput) plus the optimizer's last gradient
-        norm and clipping, every ``interval`` batches."""
+    def log_train(self, rec: dict[str, Any]) -> None:
+        """One training record: ``batch`` (the step) and numbers (losses, lr, throughput,
+        gradient norm and clipping...), logged every ``interval`` batches."""
         if self.run_id is None or rec["batch"] % self.interval:
             return
         m = {k: v for k, v in rec.items() if k != "batch" and isinstance(v, (int, float))}
-        clip = getattr(optimizer, "last_clipping", None)
-        if clip and clip[0]:
-            for k, name in (("tot_norm", "grad_norm"), ("threshold", "grad_clip_threshold"),
-                            ("factor", "grad_clip_factor")):
-                try:
-                    m[name] = float(clip[0][k])
-                except (KeyError, TypeError, ValueError, RuntimeError):
-                    pass  # not estimated yet (first steps)
         self._send(m, rec["batch"])
 
     def log_valid(self, batch: int, epoch: int, loss: float, end_of_epoch: bool) -> None:

@@ -24,13 +24,16 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from zipasr.errors import ZipasrError
 from zipasr.io import atomic_path, write_text_atomic
+
+if TYPE_CHECKING:
+    from zipasr.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +197,57 @@ def resume(exp_dir: Path, apply: Callable[[Path, dict[str, Any]], None],
         f"cannot resume training in {exp_dir}: no checkpoint is usable\n{listing}\n"
         f"Nothing was deleted. Fix or restore one of these files, or move them and "
         f"{pointer.name} out of {exp_dir} to start afresh deliberately.")
+
+
+def to_checkpoint(state: TrainState, *, world_size: int, model_config: dict[str, Any],
+                  train_config: dict[str, Any], fingerprint: str,
+                  numerics: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint dict of training ``state`` (what :func:`restore` reads back)."""
+    return {
+        "model": state.model.state_dict(),
+        "model_avg": state.model_avg,
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "grad_scaler": state.scaler.state_dict(),
+        "sampler": {"epoch": state.cur_epoch, "batches_done": state.batches_in_epoch},
+        "train_data": state.train_stats,  # the data's size (a resume need not count it)
+        "rng": rng_state(),
+        "world_size": world_size,
+        "model_config": model_config,
+        "train_config": train_config,
+        # icefall's params, flattened at the top level as icefall does
+        "batch_idx_train": state.batch_idx_train,
+        "cur_epoch": state.cur_epoch if state.batches_in_epoch else state.cur_epoch - 1,
+        "average_period": train_config["average_period"],
+        "best_valid_loss": state.best_valid_loss,
+        "best_valid_epoch": state.best_valid_epoch,
+        "fingerprint": fingerprint,
+        "numerics": numerics,
+        "numerics_changes": state.numerics_changes,
+    }
+
+
+def restore(state: TrainState, checkpoint: dict[str, Any], *, world_size: int,
+            rank: int) -> None:
+    """Fill training ``state`` from ``checkpoint`` (a :func:`to_checkpoint` dict), and the RNGs:
+    this rank's own stream when the checkpoint holds every rank's (same world size)."""
+    state.model.load_state_dict(checkpoint["model"])
+    state.model_avg = checkpoint["model_avg"]
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    state.scheduler.load_state_dict(checkpoint["scheduler"])
+    state.scaler.load_state_dict(checkpoint["grad_scaler"])
+    state.batch_idx_train = checkpoint["batch_idx_train"]
+    state.cur_epoch = checkpoint["sampler"]["epoch"]
+    state.batches_in_epoch = checkpoint["sampler"]["batches_done"]
+    state.best_valid_loss = checkpoint["best_valid_loss"]
+    state.best_valid_epoch = checkpoint["best_valid_epoch"]
+    state.train_stats = checkpoint.get("train_data")
+    ranks_rng = checkpoint.get("rng_ranks")
+    if ranks_rng and len(ranks_rng) == world_size:
+        set_rng_state(ranks_rng[rank])  # each rank its own dropout stream
+    else:
+        set_rng_state(checkpoint["rng"])
+    state.numerics_changes = list(checkpoint.get("numerics_changes", []))
 
 
 def set_aside(path: Path) -> Path:
