@@ -106,6 +106,19 @@ if MUSAN and config["train"].get("noise_cuts"):
     )
 
 
+def check_chunks(pairs, what):
+    """Stop the DAG when it loads unless the model can decode with each (chunk, left context)
+    pair (zipasr.model.config.check_chunking: decode.streaming, the streaming export)."""
+    from zipasr.errors import ZipasrError
+    from zipasr.model.config import check_chunking
+
+    try:
+        for chunk, left in pairs:
+            check_chunking(MODEL_CONFIG, chunk, left)
+    except ZipasrError as e:
+        raise WorkflowError(f"{what}: {e}") from None
+
+
 def musan_cuts():
     return f"{D}/fbank/musan_cuts.jsonl.gz"
 

@@ -10,16 +10,8 @@ KEYS = {m: [result_key(m, BEAM)] + [result_key(m, BEAM, c, left) for c, left in 
         for m in config["decode"]["methods"]}
 # streaming result key -> (chunk, left context)
 STREAMING = {result_key(m, BEAM, c, left): (c, left) for m in KEYS for c, left in PAIRS}
-if STREAMING:
-    # checked now, not after training: a non-causal model or a chunk it cannot decode with
-    from zipasr.errors import ZipasrError
-    from zipasr.model.config import check_chunking
-
-    try:
-        for _chunk, _left in PAIRS:
-            check_chunking(MODEL_CONFIG, _chunk, _left)
-    except ZipasrError as e:
-        raise WorkflowError(f"decode.streaming: {e}") from None
+# checked now, not after training: a non-causal model or a chunk it cannot decode with
+check_chunks(PAIRS, "decode.streaming")
 
 
 def wer_summary(part, method, key):

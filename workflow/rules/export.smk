@@ -14,13 +14,7 @@ def export_streaming_pair():
 
 EXPORT_PAIR = export_streaming_pair()
 if EXPORT_PAIR:  # checked at load, like decode.streaming
-    from zipasr.errors import ZipasrError
-    from zipasr.model.config import check_chunking
-
-    try:
-        check_chunking(MODEL_CONFIG, *EXPORT_PAIR)
-    except ZipasrError as e:
-        raise WorkflowError(f"export: {e}") from None
+    check_chunks([EXPORT_PAIR], "export")
 
 
 rule export:
