@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from zipasr.decode.names import METHODS
+
 
 def add_model_arguments(p: argparse.ArgumentParser,
                         vocab_default: str = "the BPE model's") -> None:
@@ -49,6 +51,70 @@ def add_streaming_arguments(p: argparse.ArgumentParser) -> None:
                         "--num-decode-streams)")
 
 
+def add_fusion_arguments(p: argparse.ArgumentParser) -> None:
+    """LMs and hotwords of modified beam search (decode and transcribe); ``fusion_of``
+    reads them."""
+    g = p.add_argument_group(
+        "language models and hotwords (modified beam search)",
+        "modified_beam_search_lm_shallow_fusion adds lm_scale * log p_LM(token) for every "
+        "token a hypothesis appends; modified_beam_search_LODR also adds lodr_scale * log "
+        "p_bigram(token) (negative: it subtracts the bigram, an estimate of the transducer's "
+        "internal LM). Hotwords bias every modified_beam_search* method.")
+    g.add_argument("--lm", type=Path, default=None,
+                   help="neural LM: lm.pt of `zipasr train-lm` (its lm_config inside)")
+    g.add_argument("--lm-scale", type=float, default=0.3, help="weight of the neural LM")
+    g.add_argument("--bigram", type=Path, default=None,
+                   help="bigram token LM for LODR: an ARPA file over the BPE pieces "
+                        "(`zipasr train-lm` writes bigram.arpa; kenlm's `lmplz -o 2` also fits)")
+    g.add_argument("--lodr-scale", type=float, default=-0.24,
+                   help="weight of the bigram in LODR (icefall's convention: negative)")
+    g.add_argument("--hotwords-file", type=Path, default=None,
+                   help="hotwords, one phrase per line, optionally ending in ' :SCORE' "
+                        "(sherpa-onnx's hotwords_file format)")
+    g.add_argument("--hotwords-score", type=float, default=1.5,
+                   help="bonus per matched token of a phrase without its own score")
+
+
+def fusion_of(args: argparse.Namespace, sp, device) -> object | None:
+    """The :class:`~zipasr.decode.fusion.Fusion` of ``add_fusion_arguments``' options for
+    ``args.method``, or None (plain search). Options the method does not use are errors,
+    not silently ignored."""
+    from zipasr.decode.fusion import Fusion
+    from zipasr.decode.names import LM_METHODS
+    from zipasr.decode.search import check_method
+    from zipasr.errors import ZipasrError
+
+    method = args.method
+    lm = bigram = context = None
+    if method not in LM_METHODS and args.lm is not None:
+        raise ZipasrError(f"--lm is used by {' and '.join(LM_METHODS)} only, not {method}")
+    if method != "modified_beam_search_LODR" and args.bigram is not None:
+        raise ZipasrError(f"--bigram is used by modified_beam_search_LODR only, not {method}")
+    if args.lm is not None:
+        from zipasr.lm.model import load_rnn_lm
+
+        lm = load_rnn_lm(args.lm, device=device)
+        if lm.config.vocab_size != sp.get_piece_size():
+            raise ZipasrError(f"LM vocab size {lm.config.vocab_size} != BPE model's "
+                              f"{sp.get_piece_size()} ({args.lm})")
+    if args.bigram is not None:
+        from zipasr.lm.bigram import read_arpa
+
+        bigram = read_arpa(args.bigram, sp)
+    if args.hotwords_file is not None:
+        from zipasr.decode.hotwords import ContextGraph, parse_hotwords
+
+        context = ContextGraph(parse_hotwords(args.hotwords_file, sp, args.hotwords_score))
+    if lm is None and bigram is None and context is None:
+        check_method(method, None)
+        return None
+    fusion = Fusion(lm=lm, lm_scale=args.lm_scale, bigram=bigram, lodr_scale=args.lodr_scale,
+                    context=context,
+                    hotwords_score=args.hotwords_score if context is not None else None)
+    check_method(method, fusion)
+    return fusion
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("average", help="average checkpoints of a training run into one model")
     p.add_argument("--exp-dir", type=Path, required=True)
@@ -69,11 +135,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="lhotse cut manifests (features precomputed or computed on the fly)")
     p.add_argument("--test-set", nargs="+", action="extend", default=None,
                    help="names of the test sets (default: from the manifest file names)")
-    p.add_argument("--method", default="greedy_search",
-                   choices=["greedy_search", "modified_beam_search"])
-    p.add_argument("--beam", "--beam-size", dest="beam", type=int, default=4)
+    p.add_argument("--method", default="greedy_search", choices=METHODS,
+                   help="transducer searches, their LM variants, and the CTC head's searches")
+    p.add_argument("--beam", "--beam-size", dest="beam", type=int, default=4,
+                   help="hypotheses kept per frame (modified beam and CTC prefix beam search)")
     p.add_argument("--max-duration", type=float, default=300.0,
                    help="seconds of audio per batch")
+    add_fusion_arguments(p)
     add_streaming_arguments(p)
     p.add_argument("--result-dir", type=Path, required=True)
     p.add_argument("--suffix", default=None, help="appended to the result file names")
@@ -138,6 +206,7 @@ def _decode(args: argparse.Namespace) -> int:
         model, sp, args.cuts, args.result_dir, method=args.method, beam=args.beam,
         max_duration=args.max_duration, suffix=args.suffix, test_sets=args.test_set,
         device=device, progress=args.progress, streaming=streaming_of(args),
+        fusion=fusion_of(args, sp, device),
     )
     for s in summaries:
         line = (f"{s.test_set}\t{s.key}\tWER {s.stats.wer:.2f}% [{s.stats.errors} / "

@@ -20,6 +20,7 @@ from zipasr.decode.features import (
     cut_text,
     set_name_from_path,
 )
+from zipasr.decode.fusion import Fusion
 from zipasr.decode.names import result_key
 from zipasr.decode.scoring import ErrorStats, Result, save_results
 from zipasr.decode.search import search
@@ -54,9 +55,23 @@ class Streaming:
     simulated: bool = False
     num_streams: int = 50
 
-    def key(self, method: str, beam: int) -> str:
-        return result_key(method, beam, self.chunk_size, self.left_context_frames,
-                          self.simulated)
+
+def search_key(method: str, beam: int, streaming: Streaming | None = None,
+               fusion: Fusion | None = None) -> str:
+    """The result key of a decoding (zipasr.decode.names.result_key): the method, the beam
+    where it matters, hotwords, the LM scales of the LM methods, the streaming setting."""
+    kw: dict[str, float] = {}
+    if fusion is not None:
+        if fusion.context is not None:
+            kw["hotwords_score"] = fusion.hotwords_score
+        if fusion.lm is not None:
+            kw["lm_scale"] = fusion.lm_scale
+        if fusion.bigram is not None:
+            kw["lodr_scale"] = fusion.lodr_scale
+    if streaming is None:
+        return result_key(method, beam, **kw)
+    return result_key(method, beam, streaming.chunk_size, streaming.left_context_frames,
+                      streaming.simulated, **kw)
 
 
 def prepare_causal(model: Any, streaming: Streaming | None) -> None:
@@ -77,8 +92,8 @@ def _result(cut: Any, hyp_text: str) -> Result:
 @torch.inference_mode()
 def decode_cuts(model: Any, sp: Any, cuts: Any, *, method: str, beam: int = 4,
                 max_duration: float = 300.0, device: str | torch.device = "cpu",
-                progress: bool = False, streaming: Streaming | None = None
-                ) -> tuple[list[Result], float, float]:
+                progress: bool = False, streaming: Streaming | None = None,
+                fusion: Fusion | None = None) -> tuple[list[Result], float, float]:
     """Decode every cut; returns (results (id, ref words, hyp words), audio s, wall s).
 
     ``streaming``: a causal model's chunk-wise decoding or its simulation. Without it a
@@ -97,7 +112,8 @@ def decode_cuts(model: Any, sp: Any, cuts: Any, *, method: str, beam: int = 4,
         by_id = {c.id: c for c in cuts}
         decoder = st.ChunkwiseDecoder(model, streaming.chunk_size,
                                       streaming.left_context_frames, method=method, beam=beam,
-                                      num_streams=streaming.num_streams, device=device)
+                                      num_streams=streaming.num_streams, device=device,
+                                      fusion=fusion)
         for cut_id, hyp in decoder.decode((c.id, loader(c)) for c in cuts):
             bar.update(1)
             audio += by_id[cut_id].duration
@@ -127,7 +143,7 @@ def decode_cuts(model: Any, sp: Any, cuts: Any, *, method: str, beam: int = 4,
             x, x_lens = x[ok][:, : int(x_lens[ok].max())], x_lens[ok]
             encoder_out, encoder_out_lens = model.forward_encoder(x.to(device),
                                                                   x_lens.to(device))
-        hyps = search(model, encoder_out, encoder_out_lens, method, beam=beam)
+        hyps = search(model, encoder_out, encoder_out_lens, method, beam=beam, fusion=fusion)
         for cut, hyp in zip(batch, hyps, strict=True):
             results.append(_result(cut, sp.decode(hyp.tokens)))
     bar.close()
@@ -138,13 +154,14 @@ def decode_and_score(model: Any, sp: Any, cuts_paths: Sequence[Path], result_dir
                      method: str, beam: int = 4, max_duration: float = 300.0,
                      suffix: str | None = None, test_sets: Sequence[str] | None = None,
                      device: str | torch.device = "cpu", progress: bool = False,
-                     streaming: Streaming | None = None) -> list[DecodeSummary]:
+                     streaming: Streaming | None = None, fusion: Fusion | None = None
+                     ) -> list[DecodeSummary]:
     """Decode each manifest and write its recogs/errs/wer-summary files."""
     from lhotse import CutSet
 
     if test_sets is not None and len(test_sets) != len(cuts_paths):
         raise ZipasrError("--test-set must be given once per --cuts")
-    key = result_key(method, beam) if streaming is None else streaming.key(method, beam)
+    key = search_key(method, beam, streaming, fusion)
     out = []
     for i, path in enumerate(cuts_paths):
         name = test_sets[i] if test_sets else set_name_from_path(path)
@@ -158,7 +175,8 @@ def decode_and_score(model: Any, sp: Any, cuts_paths: Sequence[Path], result_dir
             raise ZipasrError(f"{path} has no cuts")
         results, audio, wall = decode_cuts(model, sp, cuts, method=method, beam=beam,
                                            max_duration=max_duration, device=device,
-                                           progress=progress, streaming=streaming)
+                                           progress=progress, streaming=streaming,
+                                           fusion=fusion)
         stats = save_results(result_dir, name, key, results, suffix=suffix)
         s = DecodeSummary(name, key, stats, len(cuts), audio, wall)
         log.info("%s %s: %d cuts, %.1f s of audio in %.1f s, RTF %.4f", name, key, len(cuts),

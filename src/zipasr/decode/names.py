@@ -4,14 +4,25 @@ the two cannot drift apart. No heavy imports: the Snakefile imports this module.
 
 * averaged model: ``epoch-{E}_avg-{A}[_use-averaged-model]`` (icefall's ``--epoch``/``--avg``
   suffix), the ``.pt`` file's stem and the result files' suffix;
-* result key: ``greedy_search`` or ``modified_beam_search_beam-size-{beam}`` (icefall's),
-  streaming ones with ``-chunk-{C}-left-context-{L}``;
+* result key: ``greedy_search`` or ``modified_beam_search_beam-size-{beam}`` (icefall's), LM
+  methods with their scales, streaming ones with ``-chunk-{C}-left-context-{L}``;
 * result file: ``{kind}-{test_set}-{key}[-{suffix}].txt``, kind one of :data:`RESULT_KINDS`.
 """
 
 from __future__ import annotations
 
 RESULT_KINDS = ("recogs", "errs", "wer-summary")
+
+METHODS = ("greedy_search", "modified_beam_search", "modified_beam_search_lm_shallow_fusion",
+           "modified_beam_search_LODR", "ctc_greedy_search", "ctc_prefix_beam_search")
+"""The decoding methods of ``zipasr decode`` (icefall's names for the transducer's)."""
+BEAM_METHODS = ("modified_beam_search", "modified_beam_search_lm_shallow_fusion",
+                "modified_beam_search_LODR")
+"""The transducer's modified beam search, plain and with an LM: what hotwords bias."""
+LM_METHODS = ("modified_beam_search_lm_shallow_fusion", "modified_beam_search_LODR")
+"""The methods that need the neural LM (LODR also the bigram)."""
+CTC_METHODS = ("ctc_greedy_search", "ctc_prefix_beam_search")
+"""The methods that decode the CTC head (a model trained with ``model.use_ctc``)."""
 
 
 def model_name(epoch: int, avg: int, use_averaged_model: bool) -> str:
@@ -20,12 +31,22 @@ def model_name(epoch: int, avg: int, use_averaged_model: bool) -> str:
 
 
 def result_key(method: str, beam: int, chunk_size: int | None = None,
-               left_context_frames: int | None = None, simulated: bool = False) -> str:
-    """``greedy_search``; ``modified_beam_search_beam-size-4`` (the beam matters to it only);
-    a causal model's chunk-wise streaming results add the chunk and left context (icefall's
-    suffix, in 50 Hz frames): ``greedy_search-chunk-16-left-context-128``, and its
-    whole-utterance simulation of them ``...-left-context-128-simulated``."""
-    key = method if method == "greedy_search" else f"{method}_beam-size-{beam}"
+               left_context_frames: int | None = None, simulated: bool = False, *,
+               lm_scale: float | None = None, lodr_scale: float | None = None,
+               hotwords_score: float | None = None) -> str:
+    """``greedy_search``; ``modified_beam_search_beam-size-4`` (the beam matters to the beam
+    searches only, ``ctc_prefix_beam_search_beam-size-4`` too); hotwords add
+    ``-hotwords-score-{S}``; the LM methods add icefall's ``_rnn-lm-scale-{X}`` and LODR
+    ``_LODR-2gram-scale-{Y}``; a causal model's chunk-wise streaming results add the chunk and
+    left context (icefall's suffix, in 50 Hz frames): ``greedy_search-chunk-16-left-context-128``,
+    and its whole-utterance simulation of them ``...-left-context-128-simulated``."""
+    key = method if method.endswith("greedy_search") else f"{method}_beam-size-{beam}"
+    if hotwords_score is not None:
+        key += f"-hotwords-score-{hotwords_score}"
+    if lm_scale is not None:
+        key += f"_rnn-lm-scale-{lm_scale}"
+    if lodr_scale is not None:
+        key += f"_LODR-2gram-scale-{lodr_scale}"
     if chunk_size is None:
         return key
     key += f"-chunk-{chunk_size}-left-context-{left_context_frames}"

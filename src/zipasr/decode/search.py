@@ -29,6 +29,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from zipasr.decode.fusion import Fusion, HypState
+from zipasr.decode.names import BEAM_METHODS, CTC_METHODS, LM_METHODS, METHODS
+from zipasr.errors import ZipasrError
+
 
 @dataclass
 class SearchResult:
@@ -147,27 +151,41 @@ class BeamStream:
 
     ``beams``: token sequence (with the context prefix) -> log-prob (float64); ``frames``:
     token sequence -> emitting frame of each of its tokens (timestamps only, they never
-    influence the search); ``num_frames``: encoder frames seen."""
+    influence the search); ``num_frames``: encoder frames seen; ``states``: token sequence ->
+    its LM / bigram / hotword state, with a :class:`~zipasr.decode.fusion.Fusion` only."""
 
     beams: dict[tuple[int, ...], float]
     frames: dict[tuple[int, ...], tuple[int, ...]]
     num_frames: int = 0
+    states: dict[tuple[int, ...], HypState] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, model: nn.Module) -> BeamStream:
+    def start(cls, model: nn.Module, fusion: Fusion | None = None) -> BeamStream:
         ys = tuple([-1] * (model.decoder.context_size - 1) + [model.decoder.blank_id])
-        return cls({ys: 0.0}, {ys: ()})
+        states = {} if fusion is None else {ys: fusion.start(_device(model))}
+        return cls({ys: 0.0}, {ys: ()}, states=states)
 
-    def result(self, context_size: int) -> SearchResult:
-        """The best hypothesis by ``log_prob / len(ys)`` (ys with its context prefix)."""
-        ys, score = max(self.beams.items(), key=lambda kv: kv[1] / len(kv[0]))
+    def result(self, context_size: int, fusion: Fusion | None = None) -> SearchResult:
+        """The best hypothesis by ``log_prob / len(ys)`` (ys with its context prefix), after
+        the fusion's final bonus (an unfinished hotword match gives its bonus back)."""
+        scores = self.beams
+        if fusion is not None:
+            scores = {ys: s + fusion.final_bonus(self.states[ys]) for ys, s in scores.items()}
+        ys, score = max(scores.items(), key=lambda kv: kv[1] / len(kv[0]))
         return SearchResult(list(ys[context_size:]), score, list(self.frames[ys]))
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def beam_advance(model: nn.Module, streams: Sequence[BeamStream], encoder_out: Tensor,
-                 encoder_out_lens: Tensor, beam: int = 4) -> None:
+                 encoder_out_lens: Tensor, beam: int = 4, fusion: Fusion | None = None
+                 ) -> None:
     """Run each stream's modified beam search over its next ``encoder_out_lens[i]`` frames,
-    in place. encoder_out: (N, T, C); one stream per row."""
+    in place. encoder_out: (N, T, C); one stream per row. ``fusion``: LM shallow fusion,
+    LODR and hotword bonuses (:mod:`zipasr.decode.fusion`), added to the pairs the beam
+    keeps, as icefall does; the streams must have been started with the same fusion."""
     assert encoder_out.ndim == 3 and encoder_out.shape[0] == encoder_out_lens.shape[0]
     assert len(streams) == encoder_out.shape[0] and beam >= 1
     blank_id: int = model.decoder.blank_id
@@ -200,45 +218,62 @@ def beam_advance(model: nn.Module, streams: Sequence[BeamStream], encoder_out: T
         k = min(beam, max_h * V)
         top_scores, top_idx = table.view(n, -1).topk(k, dim=1)
         top_scores, top_idx = top_scores.tolist(), top_idx.tolist()
+        # the kept pairs: (utterance, score, hypothesis, token), best first per utterance
+        kept = [(i, score, hyp_lists[i][idx // V][0], idx % V)
+                for i in range(n) for score, idx in zip(top_scores[i], top_idx[i], strict=True)
+                if score != -math.inf]  # -inf: fewer than k real pairs
+        bonus: dict[int, float] = {}
+        children: dict[int, HypState] = {}
+        if fusion is not None:  # one batched LM step for every appended token of the frame
+            appended = [j for j, (_, _, _, tok) in enumerate(kept) if tok != blank_id]
+            gains, states = fusion.extend([running[kept[j][0]].states[kept[j][2]]
+                                           for j in appended],
+                                          [kept[j][3] for j in appended])
+            bonus, children = dict(zip(appended, gains, strict=True)), dict(
+                zip(appended, states, strict=True))
+        merged: list[dict[tuple[int, ...], float]] = [{} for _ in range(n)]
+        merged_frames: list[dict[tuple[int, ...], tuple[int, ...]]] = [{} for _ in range(n)]
+        merged_states: list[dict[tuple[int, ...], HypState]] = [{} for _ in range(n)]
+        for j, (i, score, prev, tok) in enumerate(kept):
+            s = running[i]
+            ys = prev if tok == blank_id else prev + (tok,)
+            score += bonus.get(j, 0.0)
+            old = merged[i].get(ys)
+            merged[i][ys] = score if old is None else _log_add(old, score)
+            if old is None:
+                # topk is sorted, best first: the first pair reaching ys is its best
+                # alignment, whose frames the merged hypothesis keeps
+                f = s.frames[prev]
+                merged_frames[i][ys] = f + (s.num_frames + t,) if tok != blank_id else f
+            if fusion is not None and ys not in merged_states[i]:
+                # the state of a token sequence does not depend on the pair that reached it
+                merged_states[i][ys] = s.states[ys] if tok == blank_id else children[j]
         for i in range(n):
             s = running[i]
-            merged: dict[tuple[int, ...], float] = {}
-            merged_frames: dict[tuple[int, ...], tuple[int, ...]] = {}
-            for score, idx in zip(top_scores[i], top_idx[i], strict=True):
-                if score == -math.inf:  # fewer than k real pairs
-                    continue
-                h, tok = divmod(idx, V)
-                prev = ys = hyp_lists[i][h][0]
-                if tok != blank_id:
-                    ys = ys + (tok,)
-                old = merged.get(ys)
-                merged[ys] = score if old is None else _log_add(old, score)
-                if old is None:
-                    # topk is sorted, best first: the first pair reaching ys is its best
-                    # alignment, whose frames the merged hypothesis keeps
-                    f = s.frames[prev]
-                    merged_frames[ys] = f + (s.num_frames + t,) if tok != blank_id else f
-            s.beams, s.frames = merged, merged_frames
+            s.beams, s.frames = merged[i], merged_frames[i]
+            if fusion is not None:
+                s.states = merged_states[i]
     for s, length in zip(running, lens, strict=True):
         s.num_frames += length
 
 
 def modified_beam_search(model: nn.Module, encoder_out: Tensor, encoder_out_lens: Tensor,
-                         beam: int = 4) -> list[SearchResult]:
+                         beam: int = 4, fusion: Fusion | None = None) -> list[SearchResult]:
     """Modified beam search (at most one symbol per frame) for a padded batch.
 
     Per frame and utterance, every (hypothesis, token) pair is scored as hypothesis log-prob +
     log_softmax(joiner logits) and the best ``beam`` pairs over all of the utterance's
-    hypotheses are kept; blank keeps the token sequence, a non-blank token appends to it.
-    Pairs that yield the same token sequence are merged by log-add-exp (so a hypothesis'
-    score sums over the kept alignments). The final choice maximises
-    ``log_prob / len(ys)``, where ys includes the ``context_size`` initial entries.
+    hypotheses are kept; blank keeps the token sequence, a non-blank token appends to it (and
+    with ``fusion`` adds its LM / LODR / hotword terms). Pairs that yield the same token
+    sequence are merged by log-add-exp (so a hypothesis' score sums over the kept
+    alignments). The final choice maximises ``log_prob / len(ys)``, where ys includes the
+    ``context_size`` initial entries.
 
     encoder_out: (N, T, C); encoder_out_lens: (N,). Returns N results in input order.
     """
-    streams = [BeamStream.start(model) for _ in range(encoder_out.shape[0])]
-    beam_advance(model, streams, encoder_out, encoder_out_lens, beam=beam)
-    return [s.result(model.decoder.context_size) for s in streams]
+    streams = [BeamStream.start(model, fusion) for _ in range(encoder_out.shape[0])]
+    beam_advance(model, streams, encoder_out, encoder_out_lens, beam=beam, fusion=fusion)
+    return [s.result(model.decoder.context_size, fusion) for s in streams]
 
 
 def _log_add(a: float, b: float) -> float:
@@ -247,13 +282,47 @@ def _log_add(a: float, b: float) -> float:
 
 
 def search(model: nn.Module, encoder_out: Tensor, encoder_out_lens: Tensor, method: str,
-           beam: int = 4) -> list[SearchResult]:
-    """Dispatch on the method name (``greedy_search`` or ``modified_beam_search``)."""
+           beam: int = 4, fusion: Fusion | None = None) -> list[SearchResult]:
+    """Dispatch on the method name (one of :data:`METHODS`). The CTC methods decode the
+    model's CTC head; the LM methods need ``fusion`` with the LM (and for LODR the bigram),
+    which :func:`check_method` checks."""
+    check_method(method, fusion)
+    if method not in CTC_METHODS and not getattr(model, "use_transducer", True):
+        raise ZipasrError(f"{method} needs the transducer's decoder and joiner: this model is "
+                          f"CTC-only (decode it with {' or '.join(CTC_METHODS)})")
     if method == "greedy_search":
         return greedy_search_batch(model, encoder_out, encoder_out_lens)
-    if method == "modified_beam_search":
-        return modified_beam_search(model, encoder_out, encoder_out_lens, beam=beam)
-    raise ValueError(f"unknown decoding method {method!r}")
+    if method in BEAM_METHODS:
+        return modified_beam_search(model, encoder_out, encoder_out_lens, beam=beam,
+                                    fusion=fusion)
+    from zipasr.decode import ctc
+
+    if not getattr(model, "use_ctc", False):
+        raise ZipasrError(f"{method} decodes the CTC head: this model has none "
+                          "(trained with model.use_ctc false)")
+    log_probs = model.ctc_output(encoder_out)  # (N, T, V)
+    # the CTC blank is token 0, as the transducer's (<blk> of the BPE)
+    if method == "ctc_greedy_search":
+        return ctc.ctc_greedy_search(log_probs, encoder_out_lens, blank_id=0)
+    return ctc.ctc_prefix_beam_search(log_probs, encoder_out_lens, beam=beam, blank_id=0)
 
 
-METHODS = ("greedy_search", "modified_beam_search")
+def check_method(method: str, fusion: Fusion | None) -> None:
+    """ZipasrError unless ``method`` is known and ``fusion`` has what it needs: the LM
+    methods an LM (LODR also the bigram); the LM is not used by any other method."""
+    if method not in METHODS:
+        raise ZipasrError(f"unknown decoding method {method!r} (one of {', '.join(METHODS)})")
+    lm = fusion is not None and fusion.lm is not None
+    bigram = fusion is not None and fusion.bigram is not None
+    if method in LM_METHODS and not lm:
+        raise ZipasrError(f"{method} needs a neural LM (--lm)")
+    if method == "modified_beam_search_LODR" and not bigram:
+        raise ZipasrError(f"{method} needs the bigram token LM (--bigram)")
+    if method == "modified_beam_search_lm_shallow_fusion" and bigram:
+        raise ZipasrError(f"{method} does not use a bigram: use modified_beam_search_LODR")
+    if method not in LM_METHODS and lm:
+        raise ZipasrError(f"{method} does not use an LM: the LM methods are "
+                          f"{', '.join(LM_METHODS)}")
+    if method not in BEAM_METHODS and fusion is not None and fusion.context is not None:
+        raise ZipasrError(f"hotwords bias modified beam search ({', '.join(BEAM_METHODS)}), "
+                          f"not {method}")

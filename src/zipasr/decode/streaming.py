@@ -33,13 +33,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from zipasr.decode.fusion import Fusion
+from zipasr.decode.names import BEAM_METHODS
 from zipasr.decode.search import (
     BeamStream,
     GreedyStream,
     SearchResult,
     beam_advance,
+    check_method,
     greedy_advance,
 )
+from zipasr.errors import ZipasrError
 from zipasr.model.config import check_chunking
 
 TAIL_PAD_FRAMES = 30  # icefall's tail padding of a causal model's features (decode.py)
@@ -132,11 +136,14 @@ class ChunkwiseDecoder:
 
     def __init__(self, model: Any, chunk_size: int, left_context_frames: int,
                  method: str = "greedy_search", beam: int = 4, num_streams: int = 50,
-                 device: str | torch.device = "cpu"):
-        if method not in ("greedy_search", "modified_beam_search"):
-            raise ValueError(f"unknown decoding method {method!r}")
+                 device: str | torch.device = "cpu", fusion: Fusion | None = None):
+        check_method(method, fusion)
+        if method not in ("greedy_search", *BEAM_METHODS):
+            raise ZipasrError(f"{method} decodes whole utterances: chunk-wise streaming "
+                              f"decodes with greedy_search or {', '.join(BEAM_METHODS)}")
         configure(model, chunk_size, left_context_frames)
         self.model, self.chunk, self.method, self.beam = model, chunk_size, method, beam
+        self.fusion = fusion
         self.num_streams = max(1, num_streams)
         self.device = torch.device(device)
         self.stats = ChunkStats()
@@ -144,7 +151,7 @@ class ChunkwiseDecoder:
     def _start(self, key: Any, features: Tensor) -> _Stream:
         padded, k = pad_features(features.float(), self.chunk)
         search = (GreedyStream.start(self.model) if self.method == "greedy_search"
-                  else BeamStream.start(self.model))
+                  else BeamStream.start(self.model, self.fusion))
         return _Stream(key, padded, k, search)
 
     @torch.inference_mode()
@@ -182,14 +189,18 @@ class ChunkwiseDecoder:
             if self.method == "greedy_search":
                 greedy_advance(model, searches, out, out_lens)  # type: ignore[arg-type]
             else:
-                beam_advance(model, searches, out, out_lens, beam=self.beam)  # type: ignore[arg-type]
+                beam_advance(model, searches, out, out_lens, beam=self.beam,  # type: ignore[arg-type]
+                             fusion=self.fusion)
             self.stats.seconds.append(time.perf_counter() - t0)
             self.stats.streams.append(len(active))
             keep = []
             for i, s in enumerate(active):
                 s.done += 1
                 if s.done == s.num_chunks:
-                    yield s.key, s.search.result(context_size)
+                    search = s.search
+                    yield s.key, (search.result(context_size, self.fusion)
+                                  if isinstance(search, BeamStream)
+                                  else search.result(context_size))
                 else:
                     keep.append(i)
             if len(keep) < len(active):

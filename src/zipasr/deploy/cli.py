@@ -9,11 +9,14 @@ import argparse
 from pathlib import Path
 
 from zipasr.decode.cli import (
+    add_fusion_arguments,
     add_model_arguments,
     add_streaming_arguments,
+    fusion_of,
     model_config_of,
     streaming_of,
 )
+from zipasr.decode.names import METHODS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,16 +60,17 @@ def _register_transcribe(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.add_argument("--bpe-model", type=Path, required=True,
                    help="the sentencepiece model the model was trained with (lang_bpe_N/bpe.model)")
-    p.add_argument("--method", default="greedy_search",
-                   choices=["greedy_search", "modified_beam_search"])
+    p.add_argument("--method", default="greedy_search", choices=METHODS,
+                   help="as `zipasr decode --method`")
     p.add_argument("--beam", "--beam-size", dest="beam", type=int, default=4,
-                   help="beam of modified_beam_search (default 4)")
+                   help="beam of the beam searches (default 4)")
     p.add_argument("--json", action="store_true",
                    help="JSON Lines with tokens and token/word start times")
     p.add_argument("--max-duration", type=float, default=0.0,
                    help="batch consecutive files while (files x longest) <= this many seconds; "
                         "default 0: one file at a time, so a file's transcript does not depend "
                         "on the other files (padding in a batch can shift near-ties)")
+    add_fusion_arguments(p)
     add_streaming_arguments(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
@@ -93,7 +97,8 @@ def _transcribe(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     transcriber = load_transcriber(args.model, args.bpe_model, model_config=model_config_of(args),
                                    vocab_size=args.vocab_size, method=args.method,
-                                   beam=args.beam, device=device, streaming=streaming_of(args))
+                                   beam=args.beam, device=device, streaming=streaming_of(args),
+                                   fusion=lambda sp: fusion_of(args, sp, device))
 
     def on_result(t: Transcript) -> None:
         print(format_json(t) if args.json else t.line(), flush=True)

@@ -186,19 +186,19 @@ class Transcriber:
     """A model, its BPE model and a search method; turns batches of features into results."""
 
     def __init__(self, model: Any, sp: Any, *, method: str = "greedy_search", beam: int = 4,
-                 device: str | torch.device = "cpu", streaming: Any = None) -> None:
+                 device: str | torch.device = "cpu", streaming: Any = None,
+                 fusion: Any = None) -> None:
         """``streaming``: a ``zipasr.decode.driver.Streaming`` for a causal model (chunk-wise
-        or simulated, as ``zipasr decode``); without it a causal model hears whole files."""
+        or simulated, as ``zipasr decode``); without it a causal model hears whole files.
+        ``fusion``: a ``zipasr.decode.fusion.Fusion`` (LM, LODR, hotwords) for modified beam
+        search."""
         from zipasr.data.fbank import FbankOptions, fbank_extractor
         from zipasr.decode.driver import prepare_causal
-        from zipasr.decode.search import METHODS
+        from zipasr.decode.search import check_method
 
-        if method not in METHODS:
-            raise ZipasrError(f"unknown decoding method {method!r} (one of {', '.join(METHODS)})")
-        if not getattr(model, "use_transducer", True):
-            raise ZipasrError("the model has no transducer (a CTC-only model): transcribe "
-                              "needs its decoder and joiner")
+        check_method(method, fusion)
         self.model, self.sp, self.method, self.beam = model, sp, method, beam
+        self.fusion = fusion
         self.device = torch.device(device)
         prepare_causal(model, streaming)
         self.streaming = streaming
@@ -223,7 +223,8 @@ class Transcriber:
         if s is not None and not s.simulated:  # chunk by chunk, as a live stream
             decoder = st.ChunkwiseDecoder(self.model, s.chunk_size, s.left_context_frames,
                                           method=self.method, beam=self.beam,
-                                          num_streams=s.num_streams, device=self.device)
+                                          num_streams=s.num_streams, device=self.device,
+                                          fusion=self.fusion)
             by_index = {it.index: it for it in items}
             for i, hyp in decoder.decode((it.index, it.feats) for it in items):
                 out[i] = self._transcript(by_index[i], hyp.tokens, hyp.frames)
@@ -247,7 +248,8 @@ class Transcriber:
                     x, x_lens = st.tail_pad(x, x_lens)
                 enc, enc_lens = self.model.forward_encoder(x.to(self.device),
                                                            x_lens.to(self.device))
-            hyps = search(self.model, enc, enc_lens, self.method, beam=self.beam)
+            hyps = search(self.model, enc, enc_lens, self.method, beam=self.beam,
+                          fusion=self.fusion)
             for it, hyp in zip(ok, hyps, strict=True):
                 out[it.index] = self._transcript(it, hyp.tokens, hyp.frames)
         return [out[it.index] for it in items]
@@ -309,9 +311,11 @@ def transcribe_files(transcriber: Transcriber, paths: Sequence[str], *,
 
 def load_transcriber(model_path: Path, bpe_model: Path, *, model_config: dict | None = None,
                      vocab_size: int | None = None, method: str = "greedy_search", beam: int = 4,
-                     device: str | torch.device = "cpu", streaming: Any = None) -> Transcriber:
+                     device: str | torch.device = "cpu", streaming: Any = None,
+                     fusion: Callable[[Any], Any] | None = None) -> Transcriber:
     """Load the model (``zipasr decode``'s loader: checkpoint, averaged model or icefall's
-    pretrained.pt with a config) and the BPE model; check that their vocabularies agree."""
+    pretrained.pt with a config) and the BPE model; check that their vocabularies agree.
+    ``fusion(sp)`` builds the search's LM/hotword fusion once the BPE model is loaded."""
     import sentencepiece as spm
 
     from zipasr.decode.model import load_model
@@ -324,7 +328,8 @@ def load_transcriber(model_path: Path, bpe_model: Path, *, model_config: dict | 
     if model.config.vocab_size != sp.get_piece_size():
         raise ZipasrError(f"model vocab size {model.config.vocab_size} != BPE model's "
                           f"{sp.get_piece_size()} ({bpe_model})")
-    return Transcriber(model, sp, method=method, beam=beam, device=device, streaming=streaming)
+    return Transcriber(model, sp, method=method, beam=beam, device=device, streaming=streaming,
+                       fusion=None if fusion is None else fusion(sp))
 
 
 def format_json(t: Transcript) -> str:
