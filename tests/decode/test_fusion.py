@@ -15,6 +15,7 @@ import torch.nn as nn
 from helpers import peaky_search_model
 
 from zipasr.decode.fusion import Fusion
+from zipasr.decode.hotwords import ContextGraph
 from zipasr.decode.search import BeamStream, beam_advance, modified_beam_search
 
 torch.set_num_threads(1)
@@ -78,9 +79,18 @@ def _encoder_out(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _reference(model, enc: torch.Tensor, beam: int, lm: TinyLm | None, lm_scale: float,
-               bigram: TableBigram | None = None, lodr_scale: float = 0.0
-               ) -> tuple[list[int], float]:
-    """icefall's shallow fusion / LODR for one utterance enc (T, C), without shortcuts."""
+               bigram: TableBigram | None = None, lodr_scale: float = 0.0,
+               graph: ContextGraph | None = None) -> tuple[list[int], float]:
+    """icefall's shallow fusion / LODR / hotwords for one utterance enc (T, C), without
+    shortcuts (the hotword graph's state is recomputed from the root for every sequence)."""
+
+    def walk(tokens: list[int]) -> tuple[float, int]:
+        total, state = 0.0, graph.root
+        for tok in tokens:
+            delta, state, _ = graph.forward_one_step(state, tok)
+            total += delta
+        return total, state
+
     hyps: dict[tuple[int, ...], float] = {(-1, 0): 0.0}
     for t in range(enc.shape[0]):
         pairs = []
@@ -98,11 +108,15 @@ def _reference(model, enc: torch.Tensor, beam: int, lm: TinyLm | None, lm_scale:
                 if bigram is not None:
                     prev = tokens[-1] if tokens else bigram.start_state
                     score += lodr_scale * float(bigram.table[prev, v])
+                if graph is not None:
+                    score += walk(tokens + [v])[0] - walk(tokens)[0]
                 ys = ys + (v,)
             old = new.get(ys)
             new[ys] = score if old is None else float(torch.logaddexp(torch.tensor(old),
                                                                       torch.tensor(score)))
         hyps = new
+    if graph is not None:  # an unfinished partial match gives its bonus back
+        hyps = {ys: s + graph.finalize(walk(list(ys[2:]))[1])[0] for ys, s in hyps.items()}
     ys, score = max(hyps.items(), key=lambda kv: kv[1] / len(kv[0]))
     return list(ys[2:]), score
 
@@ -153,6 +167,33 @@ def test_fusion_carries_across_blocks() -> None:
     assert [r.tokens for r in chunked] == [r.tokens for r in whole]
     assert [r.log_prob for r in chunked] == pytest.approx([r.log_prob for r in whole],
                                                           abs=1e-6)
+
+
+@pytest.mark.parametrize("with_lm", [False, True], ids=["hotwords", "hotwords+LODR"])
+@torch.inference_mode()
+def test_hotwords_equal_reference_and_bias_the_search(with_lm: bool) -> None:
+    """Hotwords built from sequences the plain search does not output: boosted, they appear;
+    the search equals the reference (bonuses per appended token, partial matches given back
+    at the end), alone and together with LODR."""
+    model = peaky_search_model(V)
+    enc, lens = _encoder_out(seed=4)
+    plain = modified_beam_search(model, enc, lens, beam=4)
+    graph = ContextGraph([((2, 3), 2.0), ((4, 4, 5), 1.0), ((5,), 1.5)])
+    lm_kw = dict(lm=TinyLm(), lm_scale=0.4, bigram=TableBigram(), lodr_scale=-0.2) if with_lm \
+        else {}
+    fusion = Fusion(context=graph, hotwords_score=2.0, **lm_kw)
+    biased = modified_beam_search(model, enc, lens, beam=4, fusion=fusion)
+
+    def count(tokens: list[int], phrase: tuple[int, ...]) -> int:
+        return sum(tuple(tokens[i:i + len(phrase)]) == phrase for i in range(len(tokens)))
+
+    assert sum(count(r.tokens, (2, 3)) for r in biased) > sum(count(r.tokens, (2, 3))
+                                                              for r in plain)
+    for i, n in enumerate(LENS):
+        tokens, score = _reference(model, enc[i, :n], 4, lm_kw.get("lm"), 0.4,
+                                   lm_kw.get("bigram"), -0.2, graph=graph)
+        assert biased[i].tokens == tokens
+        assert biased[i].log_prob == pytest.approx(score, abs=1e-4)
 
 
 def test_fusion_needs_an_lm_for_lodr() -> None:
