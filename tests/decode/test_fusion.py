@@ -200,3 +200,28 @@ def test_fusion_needs_an_lm_for_lodr() -> None:
     with pytest.raises(ValueError, match="LM"):
         Fusion(bigram=TableBigram(), lodr_scale=-0.3)
     assert math.isfinite(Fusion(lm=TinyLm(), lm_scale=0.2).start().lm_log_probs.sum().item())
+
+
+@pytest.mark.parametrize(("method", "fusion", "error"), [
+    ("modified_beam_search_lm_shallow_fusion", None, "needs a neural LM"),
+    ("modified_beam_search_LODR", "lm", "needs the bigram"),
+    ("modified_beam_search_lm_shallow_fusion", "lm+bigram", "does not use a bigram"),
+    ("modified_beam_search", "lm", "does not use an LM"),
+    ("greedy_search", "hotwords", "hotwords bias modified beam search"),
+    ("ctc_prefix_beam_search", "hotwords", "hotwords bias modified beam search"),
+    ("beam_search", None, "unknown decoding method"),
+])
+def test_methods_get_what_they_use_and_nothing_else(method: str, fusion: str | None,
+                                                     error: str) -> None:
+    from zipasr.decode.search import check_method
+    from zipasr.errors import ZipasrError
+
+    parts = {
+        None: None,
+        "lm": Fusion(lm=TinyLm(), lm_scale=0.3),
+        "lm+bigram": Fusion(lm=TinyLm(), lm_scale=0.3, bigram=TableBigram()),
+        "hotwords": Fusion(context=ContextGraph([((2, 3), 1.0)])),
+    }
+    with pytest.raises(ZipasrError, match=error):
+        check_method(method, parts[fusion])
+    check_method("modified_beam_search_LODR", parts["lm+bigram"])  # what it needs: fine
