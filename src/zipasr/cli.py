@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "zipasr.data.cli",
     "zipasr.lang.cli",
     "zipasr.train.cli",
+    "zipasr.lm.cli",
     "zipasr.decode.cli",
     "zipasr.model.cli",
     "zipasr.deploy.cli",
