@@ -32,6 +32,7 @@ validate(config, SCHEMA)
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/lang.smk"
+include: "workflow/rules/lm.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/decode.smk"
 include: "workflow/rules/export.smk"

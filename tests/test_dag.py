@@ -1,7 +1,8 @@
 """The whole DAG on the smoke config, through the real Snakemake: synthesize → manifests →
 fbank → BPE → train → average → decode (both methods) → WER table; then incremental reruns:
-what each kind of config change plans (dry runs), and one real rerun after a beam change
-whose WER table and MLflow results hold the new beam only."""
+what each kind of config change plans (dry runs), one real rerun after a beam change whose
+WER table and MLflow results hold the new beam only, and one adding the LM and CTC methods
+(the LMs train on the training transcripts only)."""
 
 from __future__ import annotations
 
@@ -107,6 +108,39 @@ def test_smoke_dag_end_to_end_and_incremental(workdir: Path) -> None:
     assert greedy.stat().st_mtime_ns == greedy_mtime
     assert planned_jobs(workdir, beam2) == {}
     assert_mlflow_logged_the_table(uri, exp / "wer.tsv")
+    assert_lm_and_ctc_methods(workdir, exp, beam2)
+
+
+def assert_lm_and_ctc_methods(workdir: Path, exp: Path, config: dict[str, Any]) -> None:
+    """Every decoding method added to a finished run: the LMs train (rule lm, once, on the
+    training transcripts only) and the new methods decode; nothing upstream reruns. Then what
+    the LM settings and scales rerun."""
+    from zipasr.decode.names import CTC_METHODS, LM_METHODS, METHODS
+
+    every = merged(config, {"decode": {"methods": list(METHODS)}})
+    new = len(LM_METHODS) + len(CTC_METHODS)
+    after = {"decode": 2 * new, "score": 1, "plots": 1, "all": 1}
+    assert planned_jobs(workdir, every) == {"lm": 1, **after}
+    snakemake(workdir, every)
+    header = (exp / "wer.tsv").read_text().splitlines()[0].split("\t")
+    assert header[1:] == [f"{k}-epoch-1_avg-1" for k in (
+        "greedy_search", "modified_beam_search_beam-size-2",
+        "modified_beam_search_lm_shallow_fusion_beam-size-2_rnn-lm-scale-0.3",
+        "modified_beam_search_LODR_beam-size-2_rnn-lm-scale-0.3_LODR-2gram-scale--0.24",
+        "ctc_greedy_search", "ctc_prefix_beam_search_beam-size-2")]
+    lm_dir = workdir / "data" / f"lm_bpe_{config['bpe']['vocab_size']}"
+    summary = json.loads((lm_dir / "lm-summary.json").read_text())
+    synth = config["corpus"]["synth"]
+    # the training transcripts and nothing else (not their speed-perturbed copies, no test
+    # text); dev text measured perplexity only
+    assert summary["num_train_sentences"] == synth["num_train"]
+    assert summary["num_valid_sentences"] == synth["num_dev"]
+    assert (lm_dir / "lm.pt").is_file() and (lm_dir / "bigram.arpa").is_file()
+    assert planned_jobs(workdir, every) == {}
+    assert planned_jobs(workdir, merged(every, {"lm": {"num_epochs": 2}})) == {
+        "lm": 1, **after, "decode": 2 * len(LM_METHODS)}
+    assert planned_jobs(workdir, merged(every, {"decode": {"lodr_scale": -0.1}})) == {
+        **after, "decode": 2}
 
 
 def assert_sherpa_decodes_like_zipasr(workdir: Path, exp: Path, beam: int) -> None:

@@ -3,7 +3,7 @@
 from snakemake.exceptions import WorkflowError
 
 from zipasr.data.musan import PARTS as MUSAN_PARTS  # icefall's: music, speech, noise
-from zipasr.decode.names import model_name, result_file, result_key
+from zipasr.decode.names import CTC_METHODS, LM_METHODS, METHODS, model_name, result_file, result_key
 from zipasr.model.config import ZipformerConfig
 
 D = config["data_dir"]

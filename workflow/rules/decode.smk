@@ -2,16 +2,30 @@
 # final WER table.
 import re
 
-BEAM = config["decode"]["beam"]
+DECODE = config["decode"]
+BEAM = DECODE["beam"]
 # (chunk, left context) pairs of a causal model's chunk-wise streaming decoding
-PAIRS = [(s["chunk_size"], s["left_context_frames"]) for s in config["decode"].get("streaming", [])]
-# every result key of the configuration per method, in the WER table's column order
-KEYS = {m: [result_key(m, BEAM)] + [result_key(m, BEAM, c, left) for c, left in PAIRS]
-        for m in config["decode"]["methods"]}
+PAIRS = [(s["chunk_size"], s["left_context_frames"]) for s in DECODE.get("streaming", [])]
+# the LM methods' scales (icefall's shallow fusion / LODR weights), part of their result keys
+LM_SCALES = {"modified_beam_search_lm_shallow_fusion": {"lm_scale": DECODE.get("lm_scale", 0.3)},
+             "modified_beam_search_LODR": {"lm_scale": DECODE.get("lm_scale", 0.3),
+                                           "lodr_scale": DECODE.get("lodr_scale", -0.24)}}
+# every result key of the configuration per method, in the WER table's column order; the CTC
+# searches decode whole utterances only
+KEYS = {m: [result_key(m, BEAM, **LM_SCALES.get(m, {}))]
+        + ([] if m in CTC_METHODS
+           else [result_key(m, BEAM, c, left, **LM_SCALES.get(m, {})) for c, left in PAIRS])
+        for m in DECODE["methods"]}
 # streaming result key -> (chunk, left context)
-STREAMING = {result_key(m, BEAM, c, left): (c, left) for m in KEYS for c, left in PAIRS}
+STREAMING = {result_key(m, BEAM, c, left, **LM_SCALES.get(m, {})): (c, left)
+             for m in KEYS if m not in CTC_METHODS for c, left in PAIRS}
 # checked now, not after training: a non-causal model or a chunk it cannot decode with
 check_chunks(PAIRS, "decode.streaming")
+if set(DECODE["methods"]) & set(CTC_METHODS) and not MODEL_CONFIG.use_ctc:
+    raise WorkflowError(
+        f"decode.methods {', '.join(m for m in DECODE['methods'] if m in CTC_METHODS)} decode "
+        "the CTC head: set model.use_ctc: true (or drop them)"
+    )
 
 
 def wer_summary(part, method, key):
@@ -20,24 +34,33 @@ def wer_summary(part, method, key):
     return f"{EXP}/{method}/{result_file('wer-summary', part, key, AVG_NAME)}"
 
 
-def decode_args(wildcards):
-    """The decoding options one job reads: the beam matters to beam search only."""
-    d = config["decode"]
-    args = f"--max-duration {d['max_duration']}"
-    if wildcards.method != "greedy_search":
-        args += f" --beam {d['beam']}"
+def decode_inputs(wildcards):
+    """The averaged model, the cuts, the BPE model, and for the LM methods the LMs."""
+    return {"model": f"{EXP}/{AVG_NAME}.pt", "cuts": cuts(wildcards.part),
+            "bpe": f"{lang_dir()}/bpe.model", **lm_files(wildcards.method)}
+
+
+def decode_args(wildcards, input):
+    """The decoding options one job reads: the beam matters to the beam searches only, the
+    LMs and their scales to the LM methods only."""
+    args = f"--max-duration {DECODE['max_duration']}"
+    if not wildcards.method.endswith("greedy_search"):
+        args += f" --beam {BEAM}"
+    scales = LM_SCALES.get(wildcards.method, {})
+    if "lm_scale" in scales:
+        args += f" --lm {input.lm} --lm-scale {scales['lm_scale']}"
+    if "lodr_scale" in scales:
+        args += f" --bigram {input.bigram} --lodr-scale {scales['lodr_scale']}"
     if wildcards.key in STREAMING:
         chunk, left = STREAMING[wildcards.key]
         args += (f" --streaming --chunk-size {chunk} --left-context-frames {left}"
-                 f" --num-streams {d.get('num_streams', 50)}")
+                 f" --num-streams {DECODE.get('num_streams', 50)}")
     return args
 
 
 rule decode:
     input:
-        model=f"{EXP}/{AVG_NAME}.pt",
-        cuts=lambda w: cuts(w.part),
-        bpe=f"{lang_dir()}/bpe.model",
+        unpack(decode_inputs),
     output:
         wer_summary("{part}", "{method}", "{key}"),
     params:
@@ -47,12 +70,10 @@ rule decode:
     benchmark:
         f"logs/decode/{EXP_NAME}-{{part}}-{{method}}-{{key}}.benchmark.tsv"
     wildcard_constraints:
-        method="greedy_search|modified_beam_search",
-        # the keys `zipasr decode` writes for the configured beam: a file of another beam
-        # has no rule (instead of a job that would write a different name)
-        key="|".join(re.escape(result_key(m, BEAM))
-                     for m in ("greedy_search", "modified_beam_search"))
-        + "".join(f"|{re.escape(k)}" for k in STREAMING),
+        method="|".join(METHODS),
+        # the keys `zipasr decode` writes for the configured beam and scales: a file of
+        # another beam has no rule (instead of a job that would write a different name)
+        key="|".join(re.escape(k) for keys in KEYS.values() for k in keys),
     threads: 1
     shell:
         "zipasr decode --model {input.model} --bpe-model {input.bpe} --cuts {input.cuts}"
