@@ -13,6 +13,7 @@ import logging
 import torch
 from torch import Tensor
 
+from zipasr.loss.log_softmax_pick import log_softmax_pick
 from zipasr.loss.mutual_information import mutual_information_recursion
 
 log = logging.getLogger(__name__)
@@ -372,10 +373,18 @@ def do_rnnt_pruning(am: Tensor, lm: Tensor, ranges: Tensor) -> tuple[Tensor, Ten
         raise ValueError(f"prune range {R} exceeds S+1={S1}")
     D2 = lm.shape[2]
     am_pruned = am.unsqueeze(2).expand(B, T, R, am.shape[2])
-    # gather from lm directly: the backward then scatters into (B, S+1, D2), not into a
-    # (B, T, S+1, D2) expansion
-    lm_pruned = torch.gather(lm, 1, ranges.reshape(B, T * R, 1).expand(B, T * R, D2))
-    lm_pruned = lm_pruned.reshape(B, T, R, D2)
+    # a flat row index out of its sequence's range would silently read a neighbour's row
+    in_range = ((ranges >= 0) & (ranges < S1)).all()
+    if ranges.device.type == "cpu":
+        if not bool(in_range):
+            raise ValueError(f"ranges must lie in [0, {S1}) (S+1 rows of lm)")
+    else:
+        torch._assert_async(in_range)  # no host sync
+    # whole rows of the flattened (B * (S+1), D2) lm: index_select copies rows and its backward
+    # (index_add) adds rows, 4-5x faster than gather/scatter_add with a per-element index, and
+    # the same values (each row's gradient summed in the same order)
+    rows = (ranges + torch.arange(B, device=ranges.device).reshape(B, 1, 1) * S1).reshape(-1)
+    lm_pruned = lm.reshape(B * S1, D2).index_select(0, rows).reshape(B, T, R, D2)
     return am_pruned, lm_pruned
 
 
@@ -403,20 +412,19 @@ def get_rnnt_logprobs_pruned(
     _check_frames_ge_symbols(rnnt_type, S, T, boundary)
     ext = torch.cat([symbols, symbols.new_full((B, 1), termination_symbol)], dim=1)  # (B, S+1)
     kept = torch.gather(ext.unsqueeze(1).expand(B, T, S + 1), 2, ranges)  # (B, T, R)
-    # one gather for symbol and blank: one (B, T, R, C) scatter in the backward instead of two
+    # symbol and blank picked together (one (B, T, R, C) gradient in the backward)
     index = torch.stack([kept, torch.full_like(kept, termination_symbol)], dim=-1)
-    picked = torch.gather(logits, 3, index)  # (B, T, R, 2)
-    sym_logit, blank_logit = picked[..., 0], picked[..., 1]
     if use_hat_loss:
         if termination_symbol != 0:
             raise ValueError("use_hat_loss requires termination_symbol == 0")
+        picked = torch.gather(logits, 3, index)  # (B, T, R, 2)
+        sym_logit, blank_logit = picked[..., 0], picked[..., 1]
         nonblank_norm = torch.logsumexp(logits[..., 1:], dim=3)
         px_pruned = torch.nn.functional.logsigmoid(-blank_logit) + sym_logit - nonblank_norm
         py_pruned = torch.nn.functional.logsigmoid(blank_logit)
     else:
-        norm = torch.logsumexp(logits, dim=3)  # (B, T, R)
-        px_pruned = sym_logit - norm
-        py_pruned = blank_logit - norm
+        picked = log_softmax_pick(logits, index)  # (B, T, R, 2)
+        px_pruned, py_pruned = picked[..., 0], picked[..., 1]
 
     def scatter(vals: Tensor) -> Tensor:  # (B, T, R) -> (B, S+1, T), -inf where pruned
         full = vals.new_full((B, T, S + 1), float("-inf"))
