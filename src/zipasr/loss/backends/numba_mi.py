@@ -102,7 +102,7 @@ def _alpha(X, Y, A, ns, nt, dx, thr, W1, W2, W3):
 
 
 @njit(cache=True)
-def _beta(X, Y, A, Bt, ns, nt, dx, total, thr, exp_min, gxb, gyb, s0, s1, t1, t0,
+def _beta(X, Y, A, Bt, ns, nt, dx, total, thr, exp_min, gxb, gyb, s0, t0, s1, t1,
           W1, W2, W3, W4, W5):
     """β into ``Bt[d, s]`` and the occupations: interior cells into ``X`` / ``Y`` (skewed, in
     place of the arc scores, which are dead once their diagonal is done); the last row and
@@ -184,7 +184,7 @@ def _sequence(px, py, b, s0, t0, s1, t1, modified, need_grad, thr, exp_min, px_g
         return total  # occupations stay 0 for a sequence without a path
     gxb = px_grad[b]
     gyb = py_grad[b]
-    _beta(X, Y, A, Bt, ns, nt, dx, total, thr, exp_min, gxb, gyb, s0, s1, t1, t0,
+    _beta(X, Y, A, Bt, ns, nt, dx, total, thr, exp_min, gxb, gyb, s0, t0, s1, t1,
           W[0], W[1], W[2], W[3], W[4])
     _unskew(X, Y, ns, nt, s0, t0, gxb, gyb)
     return total
