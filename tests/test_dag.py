@@ -117,7 +117,8 @@ def assert_lm_and_ctc_methods(workdir: Path, exp: Path, config: dict[str, Any]) 
     the LM settings and scales rerun."""
     from zipasr.decode.names import CTC_METHODS, LM_METHODS, METHODS
 
-    every = merged(config, {"decode": {"methods": list(METHODS)}})
+    every = merged(config, {"decode": {"methods": list(METHODS), "lm_scale": 0.3,
+                                       "lodr_scale": -0.24}})
     new = len(LM_METHODS) + len(CTC_METHODS)
     after = {"decode": 2 * new, "score": 1, "plots": 1, "all": 1}
     assert planned_jobs(workdir, every) == {"lm": 1, **after}
