@@ -15,7 +15,7 @@ ratio is previous / current.  Rows:
 * whether the outputs are bit-identical (kernel) / equal (``torch.equal``: sequence losses and
   parameter gradients).
 
-    .venv/bin/python benchmarks/rnnt_loss_speed.py [--reps 40] [--seq-reps 8] [--threads 1]
+    .venv/bin/python benchmarks/rnnt_loss_speed.py [--reps 60] [--stage-reps 20] [--threads 1]
 """
 
 from __future__ import annotations
@@ -165,9 +165,9 @@ def run_sequence(Lx, x: dict, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=40, help="reps of the recursion rows")
-    ap.add_argument("--stage-reps", type=int, default=15)
-    ap.add_argument("--seq-reps", type=int, default=6)
+    ap.add_argument("--reps", type=int, default=60, help="reps of the recursion rows")
+    ap.add_argument("--stage-reps", type=int, default=20)
+    ap.add_argument("--seq-reps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     ap.add_argument("--prev-ref", default="6122159", help="git ref of the previous package")
     args = ap.parse_args()

@@ -135,14 +135,14 @@ def _beta(X, Y, A, Bt, ns, nt, dx, total, thr, exp_min, gxb, gyb, s0, t0, s1, t1
             W2[_u(s)] = wy
             W3[_u(s)] = (wy if take_x else wx) - top
             W4[_u(s)] = A[_u(d), _u(s)] + top - total
-        # the larger arc's occupation exp(α + top - total) ...
         for s in range(lo, hi + 1):
+            # the larger arc's occupation big = exp(α + top - total), and e = exp(min - max),
+            # shared by the smaller arc's occupation (big * e) and the LogAdd
             v = W4[_u(s)]
-            W4[_u(s)] = 0.0 if v < exp_min else math.exp(v)
-        # ... e = exp(min - max), shared by the smaller arc's occupation (big * e) and LogAdd
-        for s in range(lo, hi + 1):
+            big = 0.0 if v < exp_min else math.exp(v)
+            W4[_u(s)] = big
             v = W3[_u(s)]
-            W5[_u(s)] = 0.0 if (W4[_u(s)] == 0.0 and v < thr) else math.exp(v)
+            W5[_u(s)] = 0.0 if (big == 0.0 and v < thr) else math.exp(v)
         for s in range(lo, hi + 1):
             if W3[_u(s)] >= thr:
                 W3[_u(s)] = math.log1p(W5[_u(s)])
