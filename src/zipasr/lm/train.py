@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -109,7 +110,11 @@ def _check_sentences(sentences: Sequence[Sequence[int]], vocab_size: int, what: 
 
 
 def _resume(out_dir: Path, num_epochs: int, fp: str) -> dict[str, Any] | None:
-    """The newest usable ``epoch-N.pt`` (N <= num_epochs) of this configuration, or None."""
+    """The newest usable ``epoch-N.pt`` (N <= num_epochs) of this configuration, or None.
+
+    Checkpoints of another configuration or text are moved to ``superseded-<time>/`` (never
+    deleted, never resumed from) and training starts afresh, as ``zipasr train`` does: the
+    DAG reruns the LM in the same directory after an ``lm.*`` change."""
     for epoch, path in reversed(ckpt.list_checkpoints(out_dir, "epoch")):
         if epoch > num_epochs:
             continue
@@ -122,10 +127,14 @@ def _resume(out_dir: Path, num_epochs: int, fp: str) -> dict[str, Any] | None:
             raise ZipasrError(f"{path} is not an LM checkpoint (an ASR experiment directory?): "
                               "give the LM a directory of its own")
         if c.get("fingerprint") != fp:
-            raise ZipasrError(
-                f"{path} is of another LM configuration or training text (fingerprint "
-                f"{c.get('fingerprint')}, this run's {fp}): use a new --out-dir or remove the "
-                "epoch-*.pt files there")
+            dest = out_dir / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+            dest.mkdir(exist_ok=True)
+            for old in out_dir.glob("epoch-*.pt"):
+                shutil.move(str(old), dest / old.name)
+            log.warning("%s is of another LM configuration or training text (fingerprint %s, "
+                        "this run's %s): moved the checkpoints to %s and started afresh",
+                        path, c.get("fingerprint"), fp, dest)
+            return None
         return c
     return None
 
