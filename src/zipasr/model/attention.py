@@ -182,20 +182,29 @@ class RelPositionMultiheadAttentionWeights(nn.Module):
         q = q.reshape(T, N, H, -1).permute(2, 1, 0, 3)  # (H, N, T, Dq)
         p = p.reshape(T, N, H, -1).permute(2, 1, 0, 3)  # (H, N, T, Dp)
         k = k.reshape(T, N, H, -1).permute(2, 1, 3, 0)  # (H, N, Dq, T)
+        # The updates below run in place on the fresh product (autograd keeps q and k, not
+        # the product): no extra (H, N, T, T) tensors.
         scores = torch.matmul(q, k)
 
         if not self.training or random.random() >= float(self.pos_emb_skip_rate):
-            scores = scores + self._pos_scores(p, pos_emb, T)
+            scores.add_(self._pos_scores(p, pos_emb, T))
 
+        in_place = True
         if self.training and random.random() < 0.1:
             # Fail-safe against implausibly large scores: gradient penalty above 25.
             scores = penalize_abs_values_gt(scores, limit=25.0, penalty=1.0e-04)
+            in_place = False  # its output is a view that autograd will not let change
 
-        if attn_mask is not None:
-            scores = scores.masked_fill(attn_mask, MASK_VALUE)
         if key_padding_mask is not None:
             assert key_padding_mask.shape == (N, T), key_padding_mask.shape
-            scores = scores.masked_fill(key_padding_mask.unsqueeze(1), MASK_VALUE)
+            # Without padding (e.g. a single utterance) the fill is a no-op: skip its pass.
+            key_padding_mask = key_padding_mask.unsqueeze(1) if key_padding_mask.any() else None
+        for mask in (attn_mask, key_padding_mask):
+            if mask is not None:
+                if in_place:
+                    scores.masked_fill_(mask, MASK_VALUE)
+                else:
+                    scores, in_place = scores.masked_fill(mask, MASK_VALUE), True
 
         weights = softmax(scores, dim=-1)
         return nn.functional.dropout(weights, p=self.dropout, training=self.training)

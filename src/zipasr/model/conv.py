@@ -16,6 +16,78 @@ from .scaling import (
 )
 
 
+def _shifted_taps(x: Tensor, taps: Tensor, out: Tensor, reverse: bool = False) -> Tensor:
+    """out[t] += sum_k taps[k] * x[t + k - K//2] over the valid t (zero padding), in place,
+    adding the taps in order k = 0..K-1 (``reverse``: K-1..0).
+
+    x, out: (T, N, C), time-major; taps: (K, C) contiguous. Each tap is one multiply-add
+    over a contiguous slab of whole frames: on CPU that beats oneDNN's depthwise Conv1d
+    several times over at the Zipformer's sizes, and needs no (N, C, T) copy. With the
+    taps in oneDNN's order the sums are bit-identical to its forward (and, reversed over
+    flipped taps, to its input gradient), so nothing downstream changes.
+    """
+    T, K = x.shape[0], taps.shape[0]
+    pad = K // 2
+    for k in reversed(range(K)) if reverse else range(K):
+        shift = k - pad
+        lo, hi = max(0, -shift), min(T, T - shift)
+        if lo < hi:
+            out[lo:hi].addcmul_(x[lo + shift : hi + shift], taps[k])
+    return out
+
+
+class _DepthwiseConv1dTimeMajor(torch.autograd.Function):
+    """Depthwise Conv1d with "same" zero padding on time-major (T, N, C) input.
+
+    Saves only the input and the taps; the input gradient is the convolution of the output
+    gradient with the flipped taps, the weight gradient one multiply-reduce per tap (oneDNN's
+    depthwise weight gradient is slow on CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, taps: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, taps)
+        ctx.has_bias = bias is not None
+        return _depthwise_time_major(x, taps, bias)
+
+    @staticmethod
+    def backward(ctx, y_grad: Tensor):
+        x, taps = ctx.saved_tensors
+        T, K = x.shape[0], taps.shape[0]
+        pad = K // 2
+        x_grad = w_grad = b_grad = None
+        if ctx.needs_input_grad[0]:
+            x_grad = _shifted_taps(y_grad, taps.flip(0), torch.zeros_like(x), reverse=True)
+        if ctx.needs_input_grad[1]:
+            w_grad = taps.new_zeros(taps.shape)
+            for k in range(K):
+                shift = k - pad
+                lo, hi = max(0, -shift), min(T, T - shift)
+                if lo < hi:
+                    prod = y_grad[lo:hi] * x[lo + shift : hi + shift]
+                    torch.sum(prod, dim=(0, 1), out=w_grad[k])
+        if ctx.needs_input_grad[2] and ctx.has_bias:
+            b_grad = y_grad.sum(dim=(0, 1))
+        return x_grad, w_grad, b_grad
+
+
+def _depthwise_time_major(x: Tensor, taps: Tensor, bias: Tensor | None) -> Tensor:
+    out = _shifted_taps(x, taps, torch.zeros_like(x, memory_format=torch.contiguous_format))
+    return out if bias is None else out.add_(bias)
+
+
+def depthwise_conv1d_time_major(x: Tensor, conv: nn.Conv1d) -> Tensor:
+    """``conv`` (a depthwise nn.Conv1d, odd kernel, padding K//2) applied to time-major x:
+    (T, N, C) -> (T, N, C); the same values as ``conv(x.permute(1, 2, 0)).permute(2, 0, 1)``.
+    """
+    # (K, C): each tap a contiguous row; in x's dtype (under autocast x may be bf16).
+    taps = conv.weight[:, 0].t().to(x.dtype).contiguous()
+    bias = None if conv.bias is None else conv.bias.to(x.dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
+        return _DepthwiseConv1dTimeMajor.apply(x, taps, bias)
+    return _depthwise_time_major(x, taps, bias)
+
+
 class ChunkCausalDepthwiseConv1d(nn.Module):
     """Depthwise Conv1d that is causal chunk-wise, matching a block-triangular attention
     mask: output = causal_conv(x) + chunkwise_conv(x) * scale.
@@ -135,15 +207,20 @@ class ConvolutionModule(nn.Module):
         """x: (T, N, C); src_key_padding_mask: (N, T) True = padding."""
         x, s = self.in_proj(x).chunk(2, dim=-1)
         x = x * self.sigmoid(self.balancer1(s))  # GLU
-        x = x.permute(1, 2, 0)  # (N, C, T)
-        if src_key_padding_mask is not None:
-            x = x.masked_fill(src_key_padding_mask.unsqueeze(1), 0.0)
         if chunk_size >= 0:
             assert self.causal, "chunk_size needs a model built with causal=True"
+        if self.causal:
+            x = x.permute(1, 2, 0)  # (N, C, T)
+            if src_key_padding_mask is not None:
+                x = x.masked_fill(src_key_padding_mask.unsqueeze(1), 0.0)
             x = self.depthwise_conv(x, chunk_size=chunk_size)
+            x = self.balancer2(x).permute(2, 0, 1)  # (T, N, C)
         else:
-            x = self.depthwise_conv(x)
-        x = self.balancer2(x).permute(2, 0, 1)  # (T, N, C)
+            # Stays time-major: the balancer sees an (N, C, T) view, no copies.
+            if src_key_padding_mask is not None:
+                x = x.masked_fill_(src_key_padding_mask.t().unsqueeze(-1), 0.0)
+            x = depthwise_conv1d_time_major(x, self.depthwise_conv)
+            x = self.balancer2(x.permute(1, 2, 0)).permute(2, 0, 1)
         return self.out_proj(self.whiten(x))
 
     def streaming_forward(

@@ -153,26 +153,71 @@ def swoosh_forward(x: Tensor, kind: str) -> Tensor:
 
 def _swoosh(x: Tensor, kind: str, deriv: bool) -> tuple[Tensor, Tensor | None]:
     """(value, derivative sigmoid(x - offset) - 0.08 or None) in float32 at least, sharing
-    x - offset; the arithmetic runs in place on fresh tensors (never part of an autograd graph
-    here), which makes the activation about a third cheaper on CPU, where it is bound by memory
-    traffic."""
+    t = x - offset. Everything after t runs in place, softplus included (its ``out=`` form
+    writes over t): on CPU the activation is bound by memory traffic and by the page faults
+    of fresh large tensors, so each temporary saved is a pass saved. The same operations in
+    the same order as the out-of-place formula, so bit-identical values."""
     offset, const, _ = _SWOOSH[kind]
     xf = at_least_f32(x)
     t = xf - offset
     d = torch.sigmoid(t).sub_(0.08) if deriv else None
-    return F.softplus(t, beta=1.0, threshold=40.0).sub_(xf, alpha=0.08).sub_(const), d
+    y = torch.ops.aten.softplus.out(t, 1.0, 40.0, out=t)
+    return y.sub_(xf, alpha=0.08).sub_(const), d
 
 
 def quantize_deriv(d: Tensor, kind: str) -> Tensor:
     """Store a Swoosh derivative as uint8 with stochastic (expectation-preserving) rounding:
-    floor((d - lo) * 255 / (hi - lo) + U[0, 1))."""
+    floor((d - lo) * 255 / (hi - lo) + U[0, 1)). Overwrites ``d``."""
     hi, lo = _SWOOSH[kind][2], _SWOOSH_DERIV_MIN
-    return torch.rand_like(d).add_(d - lo, alpha=255.0 / (hi - lo)).to(torch.uint8)
+    return torch.rand_like(d).add_(d.sub_(lo), alpha=255.0 / (hi - lo)).to(torch.uint8)
 
 
 def dequantize_deriv(q: Tensor, kind: str, dtype: torch.dtype = torch.float32) -> Tensor:
     hi, lo = _SWOOSH[kind][2], _SWOOSH_DERIV_MIN
-    return q.to(dtype) * ((hi - lo) / 255.0) + lo
+    return q.to(dtype).mul_((hi - lo) / 255.0).add_(lo)
+
+
+# Elements per block of the blocked Swoosh passes below: 256 KiB of float32, cache-sized.
+_BLOCK = 1 << 16
+
+
+def _blockwise(*tensors: Tensor) -> bool:
+    """Whether to run elementwise work block by block over the flat storage: large dense
+    float32 tensors only (for small ones the per-block overhead would not pay)."""
+    return all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors) and (
+        tensors[0].numel() >= 8 * _BLOCK)
+
+
+def _swoosh_quantized_blockwise(x: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """(value, quantised derivative) as :func:`_swoosh` + :func:`quantize_deriv` compute
+    them, bit for bit, one cache-sized block at a time: no full-size temporaries besides
+    the two results. The uniform noise is drawn block by block in storage order, which is
+    the order ``rand_like`` draws it in for a contiguous tensor (the same stream; tested)."""
+    offset, const, hi = _SWOOSH[kind]
+    lo = _SWOOSH_DERIV_MIN
+    y = torch.empty_like(x)
+    q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    xs, ys, qs = x.view(-1), y.view(-1), q.view(-1)
+    for i in range(0, xs.numel(), _BLOCK):
+        xb, yb = xs[i : i + _BLOCK], ys[i : i + _BLOCK]
+        torch.sub(xb, offset, out=yb)
+        d = torch.sigmoid(yb).sub_(0.08).sub_(lo)
+        noise = torch.empty_like(d).uniform_()
+        qs[i : i + _BLOCK].copy_(noise.add_(d, alpha=255.0 / (hi - lo)))
+        torch.ops.aten.softplus.out(yb, 1.0, 40.0, out=yb)
+        yb.sub_(xb, alpha=0.08).sub_(const)
+    return y, q
+
+
+def _dequantized_times_blockwise(q: Tensor, g: Tensor, kind: str) -> Tensor:
+    """``dequantize_deriv(q) * g`` block by block (bit-identical)."""
+    hi, lo = _SWOOSH[kind][2], _SWOOSH_DERIV_MIN
+    out = torch.empty_like(g)
+    qs, gs, outs = q.view(-1), g.view(-1), out.view(-1)
+    for i in range(0, qs.numel(), _BLOCK):
+        ob = outs[i : i + _BLOCK]
+        ob.copy_(qs[i : i + _BLOCK]).mul_((hi - lo) / 255.0).add_(lo).mul_(gs[i : i + _BLOCK])
+    return out
 
 
 class _SwooshFunction(torch.autograd.Function):
@@ -182,15 +227,21 @@ class _SwooshFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, kind: str) -> Tensor:
         ctx.kind = kind
         ctx.x_dtype = x.dtype
-        y, d = _swoosh(x, kind, deriv=True)
-        ctx.save_for_backward(quantize_deriv(d, kind))
+        if _blockwise(x):
+            y, q = _swoosh_quantized_blockwise(x, kind)
+        else:
+            y, d = _swoosh(x, kind, deriv=True)
+            q = quantize_deriv(d, kind)
+        ctx.save_for_backward(q)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, y_grad: Tensor):
         (q,) = ctx.saved_tensors
         g = at_least_f32(y_grad)
-        return (g * dequantize_deriv(q, ctx.kind, g.dtype)).to(ctx.x_dtype), None
+        if _blockwise(g) and q.is_contiguous():
+            return _dequantized_times_blockwise(q, g, ctx.kind).to(ctx.x_dtype), None
+        return dequantize_deriv(q, ctx.kind, g.dtype).mul_(g).to(ctx.x_dtype), None
 
 
 class SwooshR(nn.Module):
@@ -276,7 +327,7 @@ class _ActivationDropoutAndLinearFunction(torch.autograd.Function):
         ctx.kind = kind
         y = swoosh_forward(x, kind)
         if mask is not None:
-            y = y * mask
+            y = y.mul_(mask)  # fresh tensor: in place
         return F.linear(y, weight, bias)
 
     @staticmethod
@@ -285,13 +336,13 @@ class _ActivationDropoutAndLinearFunction(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             y, deriv = _swoosh(x, ctx.kind, deriv=True)
             if mask is not None:
-                y = y * mask.to(y.dtype)
-                deriv = deriv * mask.to(y.dtype)
+                y.mul_(mask.to(y.dtype))
+                deriv.mul_(mask.to(y.dtype))
             g = at_least_f32(ans_grad).reshape(-1, weight.shape[0])
             w = weight.to(g.dtype)
             weight_grad = g.t() @ y.to(g.dtype).reshape(-1, w.shape[1])
             bias_grad = None if bias is None else g.sum(dim=0).to(bias.dtype)
-            x_grad = (at_least_f32(ans_grad) @ w) * deriv
+            x_grad = (at_least_f32(ans_grad) @ w).mul_(deriv)
         return x_grad.to(x.dtype), weight_grad.to(weight.dtype), bias_grad, None, None, None
 
 
@@ -342,30 +393,41 @@ class ActivationDropoutAndLinear(nn.Module):
 
 
 class _BiasNormFunction(torch.autograd.Function):
-    # Stores only x (plus the tiny bias/log_scale) and recomputes the scales in backward.
+    """Stores only x (plus the tiny bias/log_scale); the backward is in closed form.
+
+    With d = x - bias, s = mean_c(d^2)^-1/2, e = exp(log_scale) and A = sum_c(g x) per
+    position, y = x s e gives dy/dx . g = s e g - (A e s^3 / C) d, the bias gradient
+    sum over positions of (A e s^3 / C) d, and the log_scale gradient sum(A s e).
+    """
+
     @staticmethod
     def forward(ctx, x: Tensor, bias: Tensor, log_scale: Tensor, channel_dim: int) -> Tensor:
-        bias_b = bias.reshape([-1] + [1] * (x.ndim - channel_dim - 1))
-        scales = torch.mean((x - bias_b) ** 2, dim=channel_dim, keepdim=True) ** -0.5
         ctx.channel_dim = channel_dim
         ctx.save_for_backward(x, bias, log_scale)
-        return x * (scales * log_scale.exp())
+        return _bias_norm(x, bias, log_scale, channel_dim)
 
     @staticmethod
     def backward(ctx, ans_grad: Tensor):
         x, bias, log_scale = ctx.saved_tensors
-        with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-            x = at_least_f32(x.detach()).requires_grad_()
-            b = bias.detach().to(x.dtype).requires_grad_()
-            s = log_scale.detach().to(x.dtype).requires_grad_()
-            ans = _bias_norm(x, b, s, ctx.channel_dim)
-            ans.backward(gradient=ans_grad.to(x.dtype))
-        return x.grad.to(ans_grad.dtype), b.grad.to(bias.dtype), s.grad.to(log_scale.dtype), None
+        dim = ctx.channel_dim
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf, g = at_least_f32(x), at_least_f32(ans_grad)
+            e = log_scale.to(xf.dtype).exp()
+            d = xf - bias.to(xf.dtype).reshape([-1] + [1] * (x.ndim - dim - 1))
+            s = (d * d).mean(dim=dim, keepdim=True) ** -0.5
+            a = (g * xf).sum(dim=dim, keepdim=True)
+            coef = a * e * s**3 / x.shape[dim]
+            x_grad = (g * (s * e)).addcmul_(d, coef, value=-1.0)
+            other = [i for i in range(x.ndim) if i != dim]
+            b_grad = (d * coef).sum(dim=other)
+            s_grad = (a * s).sum() * e
+        return x_grad.to(ans_grad.dtype), b_grad.to(bias.dtype), s_grad.to(log_scale.dtype), None
 
 
 def _bias_norm(x: Tensor, bias: Tensor, log_scale: Tensor, channel_dim: int) -> Tensor:
+    # (x - bias)^2 squared in place: one (..., C) temporary instead of two.
     bias_b = bias.reshape([-1] + [1] * (x.ndim - channel_dim - 1))
-    scales = torch.mean((x - bias_b) ** 2, dim=channel_dim, keepdim=True) ** -0.5
+    scales = torch.mean((x - bias_b).square_(), dim=channel_dim, keepdim=True) ** -0.5
     return x * (scales * log_scale.exp())
 
 
@@ -502,8 +564,8 @@ class _SoftmaxFunction(torch.autograd.Function):
         (ans,) = ctx.saved_tensors
         with torch.autocast(device_type=ans.device.type, enabled=False):
             a, g = at_least_f32(ans), at_least_f32(ans_grad)
-            x_grad = g * a
-            x_grad = x_grad - a * x_grad.sum(dim=ctx.dim, keepdim=True)
+            # a * (g - sum(g * a)) in one fused pass (torch's own softmax backward).
+            x_grad = torch._softmax_backward_data(g, a, ctx.dim, a.dtype)
         return x_grad.to(ctx.x_dtype), None
 
 
@@ -557,11 +619,22 @@ def balancer_loss_grad(x: Tensor, channel_dim: int, min_mean: float, max_mean: f
     statistics replaces a nested autograd pass over the whole tensor (the same values as
     autograd of :func:`balancer_loss` up to rounding; tested in float64).
     """
+    a, b, _, _ = _balancer_loss_grad_coefs(x, channel_dim, min_mean, max_mean, min_rms, max_rms)
+    return torch.addcmul(a, b, x)
+
+
+def _balancer_loss_grad_coefs(x: Tensor, channel_dim: int, min_mean: float, max_mean: float,
+                              min_rms: float, max_rms: float
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(a, b, c, centred variance) per channel (keepdim shapes): the loss gradient is
+    a + b x = c + b (x - mean), see :func:`balancer_loss_grad`; c = a + b mean is computed
+    from its own formula, where the d_std terms of a and b mean cancel exactly."""
     dims = [i for i in range(x.ndim) if i != channel_dim]
     n = x.numel() // x.shape[channel_dim]
-    mean = x.mean(dim=dims, keepdim=True)
-    u = torch.linalg.vector_norm(x, 2, dim=dims, keepdim=True).square_().div_(n)
-    v = u - mean * mean
+    # One pass (Welford) for both moments; the centred variance directly, not u - mean^2,
+    # which cancels when a channel's mean dominates its spread.
+    v, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    u = v + mean * mean
     stddev = v.clamp(min=1.0e-20).sqrt()
     rms = u.clamp(min=1.0e-20).sqrt()
     m = mean / stddev
@@ -571,7 +644,7 @@ def balancer_loss_grad(x: Tensor, channel_dim: int, min_mean: float, max_mean: f
     d_std = dm * (-mean / (stddev * stddev)) * (v >= 1.0e-20) / (2.0 * stddev)
     d_u = d_std + dr * (u >= 1.0e-20) / (2.0 * rms)
     d_mean = dm / stddev - 2.0 * mean * d_std
-    return torch.addcmul(d_mean / n, d_u * (2.0 / n), x)
+    return d_mean / n, d_u * (2.0 / n), (dm / stddev + mean * dr * (u >= 1.0e-20) / rms) / n, v
 
 
 class _BalancerFunction(torch.autograd.Function):
@@ -586,16 +659,33 @@ class _BalancerFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         min_mean, max_mean, min_rms, max_rms, grad_scale, channel_dim = ctx.config
         with torch.autocast(device_type=x.device.type, enabled=False):
-            loss_grad = balancer_loss_grad(at_least_f32(x), channel_dim, min_mean, max_mean,
-                                           min_rms, max_rms)
-            dims = [i for i in range(x.ndim) if i != channel_dim]
-            n = x.numel() // x.shape[channel_dim]
-            rms = torch.linalg.vector_norm(loss_grad, 2, dim=dims, keepdim=True)
-            rms = rms.div_(math.sqrt(n)).clamp_(min=1.0e-20)
-            g = at_least_f32(x_grad).to(loss_grad.dtype)
+            xf = at_least_f32(x)
+            a, b, c, v = _balancer_loss_grad_coefs(xf, channel_dim, min_mean, max_mean,
+                                                   min_rms, max_rms)
+            # Per-channel rms of the loss gradient a + b x from the statistics already at
+            # hand: mean((a + b x)^2) = c^2 + b^2 var. No (.., C) temporary.
+            rms = (c.square() + b * b * v).sqrt().clamp_(min=1e-20)
+            scale = grad_scale / rms
+            g = at_least_f32(x_grad).to(xf.dtype)
             # The correction on each element is proportional to that element's |gradient|.
-            new_grad = g.abs().mul_(loss_grad).mul_(grad_scale / rms).add_(g)
+            new_grad = _balanced_grad(a * scale, b * scale, xf, g)
         return new_grad.to(x_grad.dtype), None
+
+
+def _balanced_grad(a: Tensor, b: Tensor, x: Tensor, g: Tensor) -> Tensor:
+    """g + |g| (a + b x) with per-channel a, b (keepdim shapes); for large channels-last
+    tensors block by block over rows, so that |g| never exists in full (bit-identical)."""
+    C = x.shape[-1]
+    if not (a.shape[-1] == C and a.numel() == C and _blockwise(x, g)):
+        return torch.addcmul(a, b, x).mul_(g.abs()).add_(g)
+    a, b = a.reshape(C), b.reshape(C)
+    out = torch.empty_like(x)
+    x2, g2, out2 = x.view(-1, C), g.view(-1, C), out.view(-1, C)
+    rows = max(1, _BLOCK // C)
+    for i in range(0, x2.shape[0], rows):
+        ob, gb = out2[i : i + rows], g2[i : i + rows]
+        torch.addcmul(a, b, x2[i : i + rows], out=ob).mul_(gb.abs()).add_(gb)
+    return out
 
 
 class Balancer(nn.Module):
@@ -652,6 +742,11 @@ class Balancer(nn.Module):
 def whitening_metric(x: Tensor, num_groups: int) -> Tensor:
     """Scalar >= 1 that equals 1 iff, per group, the centred covariance is a multiple of I
     with the same trace across groups. x: (..., C)."""
+    return _whitening_stats(x, num_groups)[0]
+
+
+def _whitening_stats(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(metric, centred x (G, F, C/G), covariances (G, C/G, C/G), mean diagonal)."""
     x = x.reshape(-1, x.shape[-1])
     num_frames, num_channels = x.shape
     assert num_channels % num_groups == 0
@@ -661,7 +756,34 @@ def whitening_metric(x: Tensor, num_groups: int) -> Tensor:
     covar = x.transpose(1, 2) @ x  # (G, c, c)
     mean_diag = torch.diagonal(covar, dim1=1, dim2=2).mean()
     covarsq_mean_diag = (covar**2).sum() / (num_groups * cpg)
-    return covarsq_mean_diag / (mean_diag**2 + 1.0e-20)
+    return covarsq_mean_diag / (mean_diag**2 + 1.0e-20), x, covar, mean_diag
+
+
+def whitening_metric_grad(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+    """(metric, d metric / dx) for x (..., C), the gradient in closed form.
+
+    With centred group data X_g (F, c), covariances S_g = X_g^T X_g, n = G c, Q = sum
+    ||S_g||^2 / n and D = sum tr(S_g) / n, metric = Q / (D^2 + eps), so
+    d metric / dX_g = X_g (4 S_g / (n (D^2 + eps)) - 4 Q D / (n (D^2 + eps)^2) I); the
+    centring then subtracts the gradient's mean over frames. One (F, c) x (c, c) product
+    instead of autograd's two, and no graph (tested against autograd in float64).
+    """
+    stats = _whitening_stats(x, num_groups)
+    return stats[0], _whitening_grad(stats, x.shape)
+
+
+def _whitening_grad(stats: tuple[Tensor, Tensor, Tensor, Tensor], shape: torch.Size
+                    ) -> Tensor:
+    metric, xc, covar, mean_diag = stats
+    G, _, cpg = xc.shape
+    n = G * cpg
+    denom = mean_diag**2 + 1.0e-20
+    q = metric * denom
+    m = covar * (4.0 / (n * denom))
+    m.diagonal(dim1=1, dim2=2).sub_(4.0 * q * mean_diag / (n * denom * denom))
+    grad = xc @ m  # (G, F, c)
+    grad = grad - grad.mean(dim=1, keepdim=True)
+    return grad.transpose(0, 1).reshape(shape)
 
 
 class _WhiteningPenaltyFunction(torch.autograd.Function):
@@ -675,16 +797,15 @@ class _WhiteningPenaltyFunction(torch.autograd.Function):
     def backward(ctx, x_grad: Tensor):
         (x,) = ctx.saved_tensors
         w = ctx.module
-        with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-            xf = at_least_f32(x.detach()).requires_grad_()
-            metric = whitening_metric(xf, w.num_groups)
-            if metric < float(w.whitening_limit):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = at_least_f32(x.detach())
+            stats = _whitening_stats(xf, w.num_groups)
+            if stats[0] < float(w.whitening_limit):
                 # Under the limit: leave the gradient alone and check less often.
                 w.prob = w.min_prob
                 return x_grad, None
             w.prob = w.max_prob
-            metric.backward()
-            penalty_grad = xf.grad
+            penalty_grad = _whitening_grad(stats, xf.shape)
             scale = float(w.grad_scale) * (
                 at_least_f32(x_grad).norm() / (penalty_grad.norm() + 1.0e-20)
             )

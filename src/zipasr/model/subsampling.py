@@ -101,9 +101,11 @@ class ConvNeXt(nn.Module):
             rate = float(self.layerdrop_rate)
             if rate != 0.0:
                 mask = torch.rand((x.shape[0], 1, 1, 1), dtype=x.dtype, device=x.device) > rate
+        plain_cpu = x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        if plain_cpu and mask is None and not torch.is_grad_enabled():
+            return self._forward_no_grad(x)
         bypass = x
         dw = self.depthwise_conv
-        plain_cpu = x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
         if plain_cpu and torch.is_grad_enabled():
             x = _DepthwiseConv2d.apply(x, dw.weight, dw.bias, self.padding)
         else:
@@ -118,6 +120,25 @@ class ConvNeXt(nn.Module):
         x = bypass.permute(0, 2, 3, 1) + x
         x = self.out_balancer(x)
         return self.out_whiten(x).permute(0, 3, 1, 2)
+
+    def _forward_no_grad(self, x: Tensor, rows_per_block: int = 1024) -> Tensor:
+        """:meth:`forward` without autograd (balancers and whitening are identities then):
+        the pointwise part (C -> 3C -> SwooshL -> C, per position) runs on blocks of rows,
+        so the (N, T, F, 3C) hidden activation, the largest tensor of the whole model at
+        this layer's 50 Hz x 19 positions, never exists in full: each block's hidden stays
+        in cache and no large temporaries are allocated. x: (N, C, T, F) -> (N, C, T, F)."""
+        N, C, T, F_ = x.shape
+        w1 = self.pointwise_conv1.weight.flatten(1).t()
+        w2 = self.pointwise_conv2.weight.flatten(1).t()
+        h = self.depthwise_conv(x).permute(0, 2, 3, 1).reshape(-1, C)  # (rows, C)
+        # out = bypass + bias + hidden @ w2, accumulated block by block into the residual.
+        out = torch.empty(N, T, F_, C, dtype=x.dtype, device=x.device)
+        torch.add(x.permute(0, 2, 3, 1), self.pointwise_conv2.bias, out=out)
+        out = out.view(-1, C)
+        for i in range(0, h.shape[0], rows_per_block):
+            hidden = torch.addmm(self.pointwise_conv1.bias, h[i : i + rows_per_block], w1)
+            out[i : i + rows_per_block].addmm_(self.activation(hidden), w2)
+        return out.view(N, T, F_, C).permute(0, 3, 1, 2)
 
     def streaming_forward(self, x: Tensor, cached_left_pad: Tensor) -> tuple[Tensor, Tensor]:
         """Chunk of (N, C, T + 3, F) including 3 frames of right context ->
