@@ -322,3 +322,45 @@ def test_unknown_method_rejected(setup: dict) -> None:
     tr = load_transcriber(setup["ckpt"], setup["bpe"])
     with pytest.raises(ZipasrError, match="unknown decoding method"):
         Transcriber(tr.model, tr.sp, method="ctc_greedy")
+
+
+def test_lm_lodr_and_hotwords_through_both_clis(setup: dict, capsys: pytest.CaptureFixture,
+                                                tmp_path: Path) -> None:
+    """`transcribe` and `decode` build the same LODR + hotwords search from the same options
+    (one file per batch both); options a method does not use and a bad hotwords line are
+    errors naming what is wrong."""
+    import sentencepiece as spm
+
+    from zipasr.lm.bigram import estimate_kn, write_arpa
+    from zipasr.lm.model import RnnLm, RnnLmConfig
+
+    sp = spm.SentencePieceProcessor(model_file=str(setup["bpe"]))
+    torch.manual_seed(0)
+    lm = RnnLm(RnnLmConfig(vocab_size=VOCAB, embedding_dim=8, hidden_dim=8, num_layers=1))
+    torch.save({"model": lm.state_dict(), "lm_config": lm.config.to_dict()}, tmp_path / "lm.pt")
+    sentences = [sp.encode(" ".join(WORDS[i:i + 3])) for i in range(len(WORDS) - 2)]
+    write_arpa(estimate_kn(sentences, [sp.id_to_piece(i) for i in range(VOCAB)]),
+               tmp_path / "bigram.arpa")
+    (tmp_path / "hot.txt").write_text(f"{WORDS[0]} {WORDS[1]} :3\n{WORDS[2]}\n")
+    opts = ["--method", "modified_beam_search_LODR", "--lm", tmp_path / "lm.pt", "--lm-scale",
+            "0.5", "--bigram", tmp_path / "bigram.arpa", "--lodr-scale", "-0.3",
+            "--hotwords-file", tmp_path / "hot.txt"]
+    paths = [str(p) for p in setup["audio"]]
+    rc, out, err = _run(setup, capsys, *opts, *paths)
+    assert rc == 0, err
+    res = tmp_path / "res"
+    assert main(["decode", "--model", str(setup["ckpt"]), "--bpe-model", str(setup["bpe"]),
+                 "--cuts", str(setup["raw"]), "--max-duration", "0.01", "--result-dir",
+                 str(res), "--device", "cpu", *map(str, opts)]) == 0
+    (recogs,) = res.glob("recogs-*.txt")
+    assert "_rnn-lm-scale-0.5_LODR-2gram-scale--0.3" in recogs.name
+    assert "hotwords-score-1.5" in recogs.name
+    hyps = {cut_id: " ".join(hyp) for cut_id, _, hyp in read_recogs(recogs)}
+    assert [text for _, text in _lines(out)] == [hyps[f"utt{i}"] for i in range(N_FILES)]
+
+    rc, _, err = _run(setup, capsys, "--lm", tmp_path / "lm.pt", *paths[:1])
+    assert rc == 2 and "--lm is used by" in err
+    (tmp_path / "bad.txt").write_text(f"{WORDS[0]}\n:2\n")
+    rc, _, err = _run(setup, capsys, "--method", "modified_beam_search", "--hotwords-file",
+                      tmp_path / "bad.txt", *paths[:1])
+    assert rc == 2 and "line 2" in err
