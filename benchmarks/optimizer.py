@@ -2,9 +2,20 @@
 
 Part 1 times one optimizer step over the parameters of Zipformer-M (65.5 M parameters, 743
 tensors; from ``zipasr.model`` if it builds, else from icefall's Zipformer-M parameter shapes
-listed here), for ScaledAdam (clipping active) and torch.optim.Adam / AdamW in their for-loop,
-foreach and fused CPU implementations. Steps are interleaved round-robin so that load from
-other processes on a shared machine hits all optimizers alike; the median is reported.
+listed here), for ScaledAdam (clipping active; also with its compiled kernels switched off),
+the implementation before its speed-up (tests/optim/scaled_adam_previous.py, kept as the
+bit-exact oracle) and torch.optim.Adam / AdamW in their for-loop, foreach and fused CPU
+implementations. Steps are interleaved round-robin so that load from other processes on a
+shared machine hits all optimizers alike; median, mean and min wall time and the median CPU
+time of the process are reported (CPU time leaves out the time the process waits for a core,
+but not the memory bandwidth others take; the mean includes ScaledAdam's scale update every
+4th step, which the median may skip). After the timed steps each current ScaledAdam must have
+parameters and optimizer state bit-identical to the previous one's (asserted). Ratios depend
+on the machine's load and on how many optimizers share the rotation (each holds about 1 GB),
+so compare rows of one run; e.g. the three that matter:
+
+    .venv/bin/python benchmarks/optimizer.py --reps 12 --skip-toy --only \
+        "ScaledAdam (clipping on)" "ScaledAdam previous (clipping on)" "Adam (foreach)"
 
 Part 2 trains a small conv + transformer frame classifier on a fixed synthetic task (labels from
 a frozen random conv teacher) with ScaledAdam + Eden and with Adam + the Conformer (Noam)
@@ -20,13 +31,19 @@ import logging
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from zipasr.optim import Eden, ScaledAdam
+
+# The implementation before the chunked speed-up lives with the tests as their oracle.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "optim"))
+from scaled_adam_previous import ScaledAdam as PreviousScaledAdam  # noqa: E402
 
 # ----------------------------------------------------------------------------- Zipformer-M
 
@@ -127,8 +144,30 @@ def zipformer_m_params() -> tuple[list[tuple[str, nn.Parameter]], str]:
         return params, f"icefall shape list (model unavailable: {type(exc).__name__})"
 
 
-def time_step_benchmark(reps: int, warmup: int) -> list[tuple[str, float, float]]:
-    """Median/min seconds per optimizer step for each optimizer, interleaved."""
+def previous_of(name: str) -> str | None:
+    """The row of the previous implementation a current ScaledAdam row is compared with."""
+    if not name.startswith("ScaledAdam ("):
+        return None
+    return name.replace("ScaledAdam", "ScaledAdam previous").replace(", torch ops only", "")
+
+
+def assert_same_trajectory(new: torch.optim.Optimizer, old: torch.optim.Optimizer) -> None:
+    """Parameters and every optimizer-state entry bit-identical (torch.equal)."""
+    for pn, po in zip(new.param_groups[0]["params"], old.param_groups[0]["params"], strict=True):
+        assert torch.equal(pn, po), "parameters differ"
+    sn, so = new.state_dict()["state"], old.state_dict()["state"]
+    assert sn.keys() == so.keys()
+    for k, st in so.items():
+        assert st.keys() == sn[k].keys()
+        for key, val in st.items():
+            ok = torch.equal(sn[k][key], val) if torch.is_tensor(val) else sn[k][key] == val
+            assert ok, f"optimizer state {k}/{key} differs"
+
+
+def time_step_benchmark(
+    reps: int, warmup: int, only: list[str] | None = None
+) -> list[tuple[str, float, float, float, float]]:
+    """Per optimizer, interleaved: median, mean and min wall seconds and median CPU seconds."""
     named, source = zipformer_m_params()
     n_params = sum(p.numel() for _, p in named)
     print(f"parameters: {source}: {len(named)} tensors, {n_params:,} elements")
@@ -149,15 +188,32 @@ def time_step_benchmark(reps: int, warmup: int) -> list[tuple[str, float, float]
     def scaled_adam(ps: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
         return ScaledAdam([{"named_params": ps, "lr": 0.045}], lr=0.045, clipping_scale=2.0)
 
+    def torch_ops_only(ps: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+        opt = scaled_adam(ps)
+        opt.use_kernels = False  # chunked torch operations (where the kernels do not apply)
+        return opt
+
+    def previous(ps: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+        return PreviousScaledAdam([{"named_params": ps, "lr": 0.045}], lr=0.045, clipping_scale=2.0)
+
     makers: dict[str, Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer]] = {
         "ScaledAdam (clipping on)": scaled_adam,
+        "ScaledAdam previous (clipping on)": previous,
+        "ScaledAdam (clipping on, torch ops only)": torch_ops_only,
         "ScaledAdam (late: step > 1000)": scaled_adam,
+        "ScaledAdam previous (late: step > 1000)": previous,
         "Adam (for-loop)": lambda ps: torch.optim.Adam([p for _, p in ps], lr=1e-3, foreach=False),
         "Adam (foreach)": lambda ps: torch.optim.Adam([p for _, p in ps], lr=1e-3, foreach=True),
         "Adam (fused)": lambda ps: torch.optim.Adam([p for _, p in ps], lr=1e-3, fused=True),
         "AdamW (foreach)": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, foreach=True),
         "AdamW (fused)": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, fused=True),
     }
+    if only:
+        wanted = {o.lower() for o in only}
+        unknown = wanted - {n.lower() for n in makers}
+        if unknown:
+            raise SystemExit(f"--only: unknown optimizers {sorted(unknown)}; known: {list(makers)}")
+        makers = {n: m for n, m in makers.items() if n.lower() in wanted}
     opts: dict[str, torch.optim.Optimizer] = {}
     for name, make in makers.items():
         try:
@@ -173,17 +229,27 @@ def time_step_benchmark(reps: int, warmup: int) -> list[tuple[str, float, float]
     # Late training without running 1000 steps: advance the step counters, so the second-moment
     # bias correction (applied while 1 - 0.98^(t+1) < 0.99, i.e. t < 227) is off. Starting at
     # 1001 keeps the clipping threshold fixed (next re-estimate at 1100) during the timed steps.
-    late = opts.get("ScaledAdam (late: step > 1000)")
-    if late is not None:
-        for st in late.state.values():
-            st["step"] = 1001
+    for name, opt in opts.items():
+        if "late" in name:
+            for st in opt.state.values():
+                st["step"] = 1001
     times: dict[str, list[float]] = {n: [] for n in opts}
+    cpu: dict[str, list[float]] = {n: [] for n in opts}
     for _ in range(reps):
         for name, opt in opts.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             opt.step()
             times[name].append(time.perf_counter() - t0)
-    return [(n, statistics.median(ts), min(ts)) for n, ts in times.items()]
+            cpu[name].append(time.process_time() - c0)
+    for name, opt in opts.items():
+        old = opts.get(previous_of(name) or "")
+        if old is not None:
+            assert_same_trajectory(opt, old)
+            print(f"{name}: parameters and optimizer state bit-identical to the previous one")
+    return [
+        (n, statistics.median(ts), statistics.mean(ts), min(ts), statistics.median(cpu[n]))
+        for n, ts in times.items()
+    ]
 
 
 # ----------------------------------------------------------------------------- toy task
@@ -279,26 +345,54 @@ def train_toy(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=7, help="timed steps per optimizer (< 99)")
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=7,
+        help="timed steps per optimizer (< 99; a multiple of 4 for a fair mean: ScaledAdam "
+        "updates the parameter scales every 4th step)",
+    )
     ap.add_argument("--warmup", type=int, default=11, help="untimed steps (>= 10: clipping on)")
     ap.add_argument("--toy-steps", type=int, default=600)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--skip-toy", action="store_true")
+    ap.add_argument(
+        "--only", nargs="+", metavar="NAME", help="time only these optimizers (table names)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    logging.getLogger("zipasr.optim").setLevel(logging.ERROR)  # no clipping chatter
+    for logger_name in ("zipasr.optim", "scaled_adam_previous"):  # no clipping chatter
+        logging.getLogger(logger_name).setLevel(logging.ERROR)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
     print(f"load average before: {os.getloadavg()}")
 
     if not args.skip_timing:
-        rows = time_step_benchmark(args.reps, args.warmup)
-        ref = dict((n, m) for n, m, _ in rows).get("Adam (foreach)")
-        print("\n| optimizer | median s/step | min s/step | vs Adam (foreach) |")
-        print("|---|---|---|---|")
-        for name, med, mn in rows:
-            ratio = f"{med / ref:.2f}x" if ref else "-"
-            print(f"| {name} | {med:.3f} | {mn:.3f} | {ratio} |")
+        rows = time_step_benchmark(args.reps, args.warmup, args.only)
+        by_name = {n: (med, mean, c) for n, med, mean, _, c in rows}
+        ref = by_name.get("Adam (foreach)")
+
+        def vs(x: float, r: float | None) -> str:
+            return f"{x / r:.2f}x" if r else "-"
+
+        print(
+            "\n| optimizer | median s/step | mean s/step | min s/step | median vs Adam (foreach) "
+            "| mean vs Adam (foreach) | median CPU s/step | CPU vs Adam (foreach) |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for name, med, mean, mn, c in rows:
+            r = ref or (None, None, None)
+            print(
+                f"| {name} | {med:.3f} | {mean:.3f} | {mn:.3f} | {vs(med, r[0])} "
+                f"| {vs(mean, r[1])} | {c:.3f} | {vs(c, r[2])} |"
+            )
+        for name, (med, mean, c) in by_name.items():
+            old = by_name.get(previous_of(name) or "")
+            if old is not None:
+                print(
+                    f"{name}: {vs(med, old[0])} the previous one's median wall time, "
+                    f"{vs(mean, old[1])} its mean, {vs(c, old[2])} its median CPU time"
+                )
         print(f"load average after timing: {os.getloadavg()}")
 
     if not args.skip_toy:
