@@ -15,7 +15,8 @@ schedules at their late values) and reseed torch and Python's ``random`` before 
 both models draw the same dropout masks and skip decisions. Runs are interleaved (old, new,
 old, new, ...) so load from other processes hits both alike; medians are reported with the
 ratio new / old (wall time, and "cpu r" the same ratio of process CPU time, which
-time-slicing by other processes inflates less). The maximum relative difference
+time-slicing by other processes inflates less, and "min r" the ratio of the fastest rounds,
+the least disturbed ones). The maximum relative difference
 max|new - old| / max|old| is reported for the output and, over all tensors, for the
 gradients (input and every parameter).
 
@@ -153,10 +154,11 @@ def bench_preset(preset: str, prev, args: argparse.Namespace) -> list[str]:
             del res
         t_old, t_new = statistics.median(times["old"]), statistics.median(times["new"])
         c_ratio = statistics.median(cpu["new"]) / statistics.median(cpu["old"])
+        m_ratio = min(times["new"]) / min(times["old"])
         out_d, grad_d, grad_name = diffs
         grad_txt = f"{grad_d:9.1e} ({grad_name})" if mode == "train fwd+bwd" else "-"
         lines.append(f"{preset:5} {mode:14} {t_old:8.3f} {t_new:8.3f} {t_new / t_old:6.3f} "
-                     f"{c_ratio:6.3f} {out_d:9.1e}  {grad_txt}")
+                     f"{c_ratio:6.3f} {m_ratio:6.3f} {out_d:9.1e}  {grad_txt}")
         print(lines[-1], flush=True)
         if args.verbose:
             print("      old " + "/".join(f"{t:.3f}" for t in times["old"])
@@ -183,6 +185,7 @@ def main() -> None:
               f"{args.batch} x {args.seconds:g} s, torch {torch.__version__}, load avg "
               f"{os.getloadavg()[0]:.2f} at start; medians of {args.reps} interleaved rounds")
         print(f"{'preset':5} {'mode':14} {'old s':>8} {'new s':>8} {'ratio':>6} {'cpu r':>6} "
+              f"{'min r':>6} "
               f"{'out diff':>9}  grad diff (worst tensor)")
         for preset in args.presets:
             bench_preset(preset, prev, args)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 
 import pytest
 import torch
@@ -311,10 +312,11 @@ def test_bias_norm_backward_matches_float64_autograd(channel_dim):
     assert rel(m.log_scale.grad, s64.grad) < 1e-5
 
 
-@pytest.mark.parametrize("groups", [1, 4])
-def test_whitening_metric_grad_matches_float64_autograd(groups):
-    x = torch.randn(300, 16, dtype=torch.float64) @ torch.randn(16, 16, dtype=torch.float64)
-    x = (x + 0.7).reshape(100, 3, 16).requires_grad_()
+@pytest.mark.parametrize("groups,frames", [(1, 300), (4, 300), (1, 10), (2, 5)])
+def test_whitening_metric_grad_matches_float64_autograd(groups, frames):
+    """Covariance route (more frames than channels per group) and Gram-matrix route."""
+    x = torch.randn(frames, 16, dtype=torch.float64) @ torch.randn(16, 16, dtype=torch.float64)
+    x = (x + 0.7).reshape(frames, 1, 16).requires_grad_()
     (expected,) = torch.autograd.grad(whitening_metric(x, groups), x)
     metric, grad = whitening_metric_grad(x.detach(), groups)
     assert float(metric) == pytest.approx(float(whitening_metric(x, groups)), rel=1e-12)
@@ -419,3 +421,25 @@ def test_xs_training_step_matches_float64(xs_pair):
     assert max(float((grads[k].double() - grads64[k]).abs().max()) for k in grads) < 1e-6 * scale
     per_tensor = sorted(rel(grads[k], grads64[k]) for k in grads)
     assert per_tensor[len(per_tensor) // 2] < 1e-6
+
+
+def test_traced_encoder_follows_the_sequence_length(xs_pair):
+    """The fast paths step aside while tracing (ONNX export): a graph traced at one length
+    computes the eager result at another, padding included."""
+    model = xs_pair[0].eval()
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, x_lens):
+            return self.model.forward_encoder(x, x_lens)[0]
+
+    torch.manual_seed(0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(Encoder(), (torch.randn(2, 100, 80), torch.tensor([100, 100])),
+                                 check_trace=False)
+        x, x_lens = torch.randn(2, 140, 80), torch.tensor([140, 97])
+        assert rel(traced(x, x_lens), model.forward_encoder(x, x_lens)[0]) < 1e-6

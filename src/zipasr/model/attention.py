@@ -23,6 +23,7 @@ from .scaling import (
     Whiten,
     penalize_abs_values_gt,
     softmax,
+    tracing,
     whitening_schedule,
 )
 
@@ -185,11 +186,12 @@ class RelPositionMultiheadAttentionWeights(nn.Module):
         # The updates below run in place on the fresh product (autograd keeps q and k, not
         # the product): no extra (H, N, T, T) tensors.
         scores = torch.matmul(q, k)
+        in_place = not tracing()
 
         if not self.training or random.random() >= float(self.pos_emb_skip_rate):
-            scores.add_(self._pos_scores(p, pos_emb, T))
+            pos_scores = self._pos_scores(p, pos_emb, T)
+            scores = scores.add_(pos_scores) if in_place else scores + pos_scores
 
-        in_place = True
         if self.training and random.random() < 0.1:
             # Fail-safe against implausibly large scores: gradient penalty above 25.
             scores = penalize_abs_values_gt(scores, limit=25.0, penalty=1.0e-04)
@@ -198,13 +200,14 @@ class RelPositionMultiheadAttentionWeights(nn.Module):
         if key_padding_mask is not None:
             assert key_padding_mask.shape == (N, T), key_padding_mask.shape
             # Without padding (e.g. a single utterance) the fill is a no-op: skip its pass.
-            key_padding_mask = key_padding_mask.unsqueeze(1) if key_padding_mask.any() else None
+            padded = tracing() or bool(key_padding_mask.any())
+            key_padding_mask = key_padding_mask.unsqueeze(1) if padded else None
         for mask in (attn_mask, key_padding_mask):
             if mask is not None:
                 if in_place:
                     scores.masked_fill_(mask, MASK_VALUE)
                 else:
-                    scores, in_place = scores.masked_fill(mask, MASK_VALUE), True
+                    scores, in_place = scores.masked_fill(mask, MASK_VALUE), not tracing()
 
         weights = softmax(scores, dim=-1)
         return nn.functional.dropout(weights, p=self.dropout, training=self.training)

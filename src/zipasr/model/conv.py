@@ -12,6 +12,7 @@ from .scaling import (
     Balancer,
     ScheduledFloat,
     Whiten,
+    tracing,
     whitening_schedule,
 )
 
@@ -28,11 +29,12 @@ def _shifted_taps(x: Tensor, taps: Tensor, out: Tensor, reverse: bool = False) -
     """
     T, K = x.shape[0], taps.shape[0]
     pad = K // 2
+    rows = taps.unbind(0)
     for k in reversed(range(K)) if reverse else range(K):
         shift = k - pad
         lo, hi = max(0, -shift), min(T, T - shift)
         if lo < hi:
-            out[lo:hi].addcmul_(x[lo + shift : hi + shift], taps[k])
+            out[lo:hi].addcmul_(x[lo + shift : hi + shift], rows[k])
     return out
 
 
@@ -209,15 +211,21 @@ class ConvolutionModule(nn.Module):
         x = x * self.sigmoid(self.balancer1(s))  # GLU
         if chunk_size >= 0:
             assert self.causal, "chunk_size needs a model built with causal=True"
-        if self.causal:
+        if self.causal or tracing():
+            # (The tap loop below would fix the traced graph's sequence length.)
             x = x.permute(1, 2, 0)  # (N, C, T)
             if src_key_padding_mask is not None:
                 x = x.masked_fill(src_key_padding_mask.unsqueeze(1), 0.0)
-            x = self.depthwise_conv(x, chunk_size=chunk_size)
+            if self.causal:
+                x = self.depthwise_conv(x, chunk_size=chunk_size)
+            else:
+                x = self.depthwise_conv(x)
             x = self.balancer2(x).permute(2, 0, 1)  # (T, N, C)
         else:
-            # Stays time-major: the balancer sees an (N, C, T) view, no copies.
-            if src_key_padding_mask is not None:
+            # Stays time-major: the balancer sees an (N, C, T) view, no copies. x is the
+            # fresh GLU product (autograd keeps its factors), so it can be masked in place;
+            # without padding the fill is skipped.
+            if src_key_padding_mask is not None and src_key_padding_mask.any():
                 x = x.masked_fill_(src_key_padding_mask.t().unsqueeze(-1), 0.0)
             x = depthwise_conv1d_time_major(x, self.depthwise_conv)
             x = self.balancer2(x.permute(1, 2, 0)).permute(2, 0, 1)

@@ -146,6 +146,13 @@ def at_least_f32(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def tracing() -> bool:
+    """Whether a graph is being traced (ONNX export): then the fast paths that loop over
+    sizes, skip work by looking at values, or use ``out=`` forms step aside for the plain
+    operations, so the graph stays general in the sequence length and exportable."""
+    return torch.jit.is_tracing()
+
+
 def swoosh_forward(x: Tensor, kind: str) -> Tensor:
     """SwooshR/SwooshL value, computed in float32 at least (softplus is exact to fp32)."""
     return _swoosh(x, kind, deriv=False)[0].to(x.dtype)
@@ -161,6 +168,8 @@ def _swoosh(x: Tensor, kind: str, deriv: bool) -> tuple[Tensor, Tensor | None]:
     xf = at_least_f32(x)
     t = xf - offset
     d = torch.sigmoid(t).sub_(0.08) if deriv else None
+    if tracing():  # the out= form has no ONNX translation
+        return F.softplus(t, beta=1.0, threshold=40.0) - 0.08 * xf - const, d
     y = torch.ops.aten.softplus.out(t, 1.0, 40.0, out=t)
     return y.sub_(xf, alpha=0.08).sub_(const), d
 
@@ -631,9 +640,11 @@ def _balancer_loss_grad_coefs(x: Tensor, channel_dim: int, min_mean: float, max_
     from its own formula, where the d_std terms of a and b mean cancel exactly."""
     dims = [i for i in range(x.ndim) if i != channel_dim]
     n = x.numel() // x.shape[channel_dim]
-    # One pass (Welford) for both moments; the centred variance directly, not u - mean^2,
-    # which cancels when a channel's mean dominates its spread.
-    v, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    # The centred variance in two passes, not u - mean^2, which cancels when a channel's
+    # mean dominates its spread. (Also faster on CPU than var_mean or vector_norm, whose
+    # reductions over the leading dims are not vectorised.)
+    mean = x.mean(dim=dims, keepdim=True)
+    v = (x - mean).square_().mean(dim=dims, keepdim=True)
     u = v + mean * mean
     stddev = v.clamp(min=1.0e-20).sqrt()
     rms = u.clamp(min=1.0e-20).sqrt()
@@ -746,17 +757,25 @@ def whitening_metric(x: Tensor, num_groups: int) -> Tensor:
 
 
 def _whitening_stats(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(metric, centred x (G, F, C/G), covariances (G, C/G, C/G), mean diagonal)."""
+    """(metric, centred x (G, F, c), second moments, mean diagonal of the covariances).
+
+    The second moments are the covariances X_g^T X_g (G, c, c), or with fewer frames than
+    channels (the low-rate stacks) the Gram matrices X_g X_g^T (G, F, F): same squared
+    Frobenius norms and traces, F^2 c instead of F c^2 flops."""
     x = x.reshape(-1, x.shape[-1])
     num_frames, num_channels = x.shape
     assert num_channels % num_groups == 0
     cpg = num_channels // num_groups
     x = x.reshape(num_frames, num_groups, cpg).transpose(0, 1)
     x = x - x.mean(dim=1, keepdim=True)
-    covar = x.transpose(1, 2) @ x  # (G, c, c)
-    mean_diag = torch.diagonal(covar, dim1=1, dim2=2).mean()
-    covarsq_mean_diag = (covar**2).sum() / (num_groups * cpg)
-    return covarsq_mean_diag / (mean_diag**2 + 1.0e-20), x, covar, mean_diag
+    if num_frames < cpg:
+        moments = x @ x.transpose(1, 2)  # (G, F, F)
+        mean_diag = torch.diagonal(moments, dim1=1, dim2=2).sum() / (num_groups * cpg)
+    else:
+        moments = x.transpose(1, 2) @ x  # (G, c, c)
+        mean_diag = torch.diagonal(moments, dim1=1, dim2=2).mean()
+    covarsq_mean_diag = (moments**2).sum() / (num_groups * cpg)
+    return covarsq_mean_diag / (mean_diag**2 + 1.0e-20), x, moments, mean_diag
 
 
 def whitening_metric_grad(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
@@ -764,9 +783,10 @@ def whitening_metric_grad(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
 
     With centred group data X_g (F, c), covariances S_g = X_g^T X_g, n = G c, Q = sum
     ||S_g||^2 / n and D = sum tr(S_g) / n, metric = Q / (D^2 + eps), so
-    d metric / dX_g = X_g (4 S_g / (n (D^2 + eps)) - 4 Q D / (n (D^2 + eps)^2) I); the
-    centring then subtracts the gradient's mean over frames. One (F, c) x (c, c) product
-    instead of autograd's two, and no graph (tested against autograd in float64).
+    d metric / dX_g = X_g (4 S_g / (n (D^2 + eps)) - 4 Q D / (n (D^2 + eps)^2) I), or
+    equally (4 K_g / (n (D^2 + eps)) - ... I) X_g with the Gram matrix K_g = X_g X_g^T; the
+    centring then subtracts the gradient's mean over frames. One product instead of
+    autograd's two, and no graph (tested against autograd in float64).
     """
     stats = _whitening_stats(x, num_groups)
     return stats[0], _whitening_grad(stats, x.shape)
@@ -774,14 +794,14 @@ def whitening_metric_grad(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
 
 def _whitening_grad(stats: tuple[Tensor, Tensor, Tensor, Tensor], shape: torch.Size
                     ) -> Tensor:
-    metric, xc, covar, mean_diag = stats
-    G, _, cpg = xc.shape
+    metric, xc, moments, mean_diag = stats
+    G, num_frames, cpg = xc.shape
     n = G * cpg
     denom = mean_diag**2 + 1.0e-20
     q = metric * denom
-    m = covar * (4.0 / (n * denom))
+    m = moments * (4.0 / (n * denom))
     m.diagonal(dim1=1, dim2=2).sub_(4.0 * q * mean_diag / (n * denom * denom))
-    grad = xc @ m  # (G, F, c)
+    grad = m @ xc if num_frames < cpg else xc @ m  # (G, F, c)
     grad = grad - grad.mean(dim=1, keepdim=True)
     return grad.transpose(0, 1).reshape(shape)
 

@@ -23,6 +23,7 @@ from .scaling import (
     SwooshL,
     SwooshR,
     Whiten,
+    tracing,
 )
 
 
@@ -102,7 +103,7 @@ class ConvNeXt(nn.Module):
             if rate != 0.0:
                 mask = torch.rand((x.shape[0], 1, 1, 1), dtype=x.dtype, device=x.device) > rate
         plain_cpu = x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-        if plain_cpu and mask is None and not torch.is_grad_enabled():
+        if plain_cpu and mask is None and not torch.is_grad_enabled() and not tracing():
             return self._forward_no_grad(x)
         bypass = x
         dw = self.depthwise_conv

@@ -104,7 +104,9 @@ class BypassModule(nn.Module):
 
     def forward(self, src_orig: Tensor, src: Tensor) -> Tensor:
         """src_orig, src: (T, N, C)."""
-        return src_orig + (src - src_orig) * self._get_bypass_scale(src.shape[1])
+        # addcmul: the same sum and product as src_orig + (src - src_orig) * scale, one
+        # temporary fewer.
+        return torch.addcmul(src_orig, src - src_orig, self._get_bypass_scale(src.shape[1]))
 
 
 class Zipformer2EncoderLayer(nn.Module):
@@ -353,11 +355,14 @@ class Zipformer2Encoder(nn.Module):
     ) -> Tensor:
         """src: (T, N, C); feature_mask broadcasts with src (1.0 in eval)."""
         pos_emb = self.encoder_pos(src)
-        output = src * feature_mask
+        # In eval the mask is the number 1.0: multiplying by it would only copy.
+        masked = not (isinstance(feature_mask, float) and feature_mask == 1.0)
+        output = src * feature_mask if masked else src
         for layer in self.layers:
             output = layer(output, pos_emb, chunk_size=chunk_size, attn_mask=attn_mask,
                            src_key_padding_mask=src_key_padding_mask)
-            output = output * feature_mask
+            if masked:
+                output = output * feature_mask
         return output
 
     def streaming_forward(
