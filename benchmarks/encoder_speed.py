@@ -21,6 +21,11 @@ max|new - old| / max|old| is reported for the output and, over all tensors, for 
 gradients (input and every parameter).
 
     .venv/bin/python benchmarks/encoder_speed.py --presets M demo --threads 1 --reps 5
+
+``--noise-floor`` adds the old code against itself at 1 vs 2 threads: float32 rounding alone
+moves some gradients (sums that cancel to almost nothing, e.g. attention key biases, whose
+exact gradient is 0) by far more than 1e-6 relative, so the gradient figures are to be read
+against that floor.
 """
 
 from __future__ import annotations
@@ -166,6 +171,29 @@ def bench_preset(preset: str, prev, args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def noise_floor(preset: str, prev, args: argparse.Namespace) -> None:
+    """The old code against itself at 1 vs 2 threads (train fwd+bwd): how far float32
+    rounding alone moves its gradients, the yardstick for the old-vs-new differences."""
+    torch.manual_seed(0)
+    old = prev.Transducer.from_preset(preset, vocab_size=500)
+    set_batch_count(old, 100000.0)
+    x, x_lens = make_batch(args.batch, args.seconds)
+    with torch.no_grad():
+        old.eval()
+        shape = old.forward_encoder(x, x_lens)[0].shape
+    r = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    res = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        res[threads] = run(old, "train fwd+bwd", x, x_lens, r)[2]
+    torch.set_num_threads(args.threads)
+    out_d, grad_d, grad_name = max_rel_diff(res[2], res[1])
+    print(f"{preset:5} noise floor: old code, 2 vs 1 threads: out diff {out_d:.1e}, grad diff "
+          f"{grad_d:.1e} ({grad_name})")
+    if args.verbose:
+        print_worst(res[2], res[1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["M", "demo"])
@@ -177,6 +205,8 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["eval fwd", "train fwd", "train fwd+bwd"],
                     choices=["eval fwd", "train fwd", "train fwd+bwd"])
     ap.add_argument("-v", "--verbose", action="store_true", help="print every round's times")
+    ap.add_argument("--noise-floor", action="store_true",
+                    help="also compare the old code's gradients at 1 vs 2 threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,6 +219,8 @@ def main() -> None:
               f"{'out diff':>9}  grad diff (worst tensor)")
         for preset in args.presets:
             bench_preset(preset, prev, args)
+            if args.noise_floor:
+                noise_floor(preset, prev, args)
         print(f"load avg {os.getloadavg()[0]:.2f} at end")
 
 
