@@ -4,7 +4,8 @@ Oracles: frozen copies of the functions the speed-up replaced (commit 6122159: S
 its quantised derivative, ActivationDropoutAndLinear, the attention weights' forward, the
 convolution module's forward, the Balancer's backward), float64 autograd of the formulas
 (BiasNorm, whitening, depthwise convolution), and, end to end, the same xs model run in
-float64. "rel" below is max |a - b| / max |b| per tensor.
+float64; a traced encoder must still follow the sequence length (ONNX export). "rel" below
+is max |a - b| / max |b| per tensor.
 """
 
 from __future__ import annotations
