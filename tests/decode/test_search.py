@@ -266,3 +266,28 @@ def test_emitting_frames(monkeypatch) -> None:
     assert b.frames == [1]
     # greedy: b (.40) at frame 0, then "1" (.70) at frame 1
     assert greedy_search_batch(fake, fenc, flens)[0].frames == [1]
+
+
+@torch.inference_mode()
+def test_dispatch_of_the_ctc_methods() -> None:
+    """search() decodes the CTC head for the CTC methods (what the CTC functions give on
+    ``ctc_output``), a CTC-only model decodes with them alone, and a model without the head
+    says so."""
+    from zipasr.decode import ctc
+    from zipasr.decode.search import search
+    from zipasr.errors import ZipasrError
+
+    torch.manual_seed(0)
+    ctc_only = Transducer.from_preset("xs", vocab_size=6, use_transducer=False,
+                                      use_ctc=True).eval()
+    (proj,) = [m for m in ctc_only.ctc_output if isinstance(m, nn.Linear)]
+    enc, lens = _encoder_out(LENS, dim=proj.in_features)
+    want = ctc.ctc_prefix_beam_search(ctc_only.ctc_output(enc), lens, beam=3)
+    assert search(ctc_only, enc, lens, "ctc_prefix_beam_search", beam=3) == want
+    assert search(ctc_only, enc, lens, "ctc_greedy_search") == ctc.ctc_greedy_search(
+        ctc_only.ctc_output(enc), lens)
+    with pytest.raises(ZipasrError, match="CTC-only"):
+        search(ctc_only, enc, lens, "greedy_search")
+    no_head = Transducer.from_preset("xs", vocab_size=6, use_ctc=False).eval()
+    with pytest.raises(ZipasrError, match="has none"):
+        search(no_head, enc, lens, "ctc_greedy_search")
