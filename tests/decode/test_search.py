@@ -275,6 +275,7 @@ def test_dispatch_of_the_ctc_methods() -> None:
     says so."""
     from zipasr.decode import ctc
     from zipasr.decode.search import search
+    from zipasr.deploy.transcribe import Transcriber
     from zipasr.errors import ZipasrError
 
     torch.manual_seed(0)
@@ -288,6 +289,8 @@ def test_dispatch_of_the_ctc_methods() -> None:
         ctc_only.ctc_output(enc), lens)
     with pytest.raises(ZipasrError, match="CTC-only"):
         search(ctc_only, enc, lens, "greedy_search")
+    with pytest.raises(ZipasrError, match="CTC-only"):  # before any audio is read
+        Transcriber(ctc_only, None, method="modified_beam_search")
     no_head = Transducer.from_preset("xs", vocab_size=6, use_ctc=False).eval()
     with pytest.raises(ZipasrError, match="has none"):
         search(no_head, enc, lens, "ctc_greedy_search")

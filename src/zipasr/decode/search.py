@@ -286,10 +286,7 @@ def search(model: nn.Module, encoder_out: Tensor, encoder_out_lens: Tensor, meth
     """Dispatch on the method name (one of :data:`METHODS`). The CTC methods decode the
     model's CTC head; the LM methods need ``fusion`` with the LM (and for LODR the bigram),
     which :func:`check_method` checks."""
-    check_method(method, fusion)
-    if method not in CTC_METHODS and not getattr(model, "use_transducer", True):
-        raise ZipasrError(f"{method} needs the transducer's decoder and joiner: this model is "
-                          f"CTC-only (decode it with {' or '.join(CTC_METHODS)})")
+    check_method(method, fusion, model)
     if method == "greedy_search":
         return greedy_search_batch(model, encoder_out, encoder_out_lens)
     if method in BEAM_METHODS:
@@ -297,9 +294,6 @@ def search(model: nn.Module, encoder_out: Tensor, encoder_out_lens: Tensor, meth
                                     fusion=fusion)
     from zipasr.decode import ctc
 
-    if not getattr(model, "use_ctc", False):
-        raise ZipasrError(f"{method} decodes the CTC head: this model has none "
-                          "(trained with model.use_ctc false)")
     log_probs = model.ctc_output(encoder_out)  # (N, T, V)
     # the CTC blank is token 0, as the transducer's (<blk> of the BPE)
     if method == "ctc_greedy_search":
@@ -307,11 +301,19 @@ def search(model: nn.Module, encoder_out: Tensor, encoder_out_lens: Tensor, meth
     return ctc.ctc_prefix_beam_search(log_probs, encoder_out_lens, beam=beam, blank_id=0)
 
 
-def check_method(method: str, fusion: Fusion | None) -> None:
+def check_method(method: str, fusion: Fusion | None, model: nn.Module | None = None) -> None:
     """ZipasrError unless ``method`` is known and ``fusion`` has what it needs: the LM
-    methods an LM (LODR also the bigram); the LM is not used by any other method."""
+    methods an LM (LODR also the bigram); the LM is not used by any other method. With
+    ``model``: it has the head the method decodes (transducer or CTC)."""
     if method not in METHODS:
         raise ZipasrError(f"unknown decoding method {method!r} (one of {', '.join(METHODS)})")
+    if model is not None and method in CTC_METHODS and not getattr(model, "use_ctc", False):
+        raise ZipasrError(f"{method} decodes the CTC head: this model has none "
+                          "(trained with model.use_ctc false)")
+    if model is not None and method not in CTC_METHODS and not getattr(
+            model, "use_transducer", True):
+        raise ZipasrError(f"{method} needs the transducer's decoder and joiner: this model is "
+                          f"CTC-only (decode it with {' or '.join(CTC_METHODS)})")
     lm = fusion is not None and fusion.lm is not None
     bigram = fusion is not None and fusion.bigram is not None
     if method in LM_METHODS and not lm:

@@ -137,7 +137,7 @@ class ChunkwiseDecoder:
     def __init__(self, model: Any, chunk_size: int, left_context_frames: int,
                  method: str = "greedy_search", beam: int = 4, num_streams: int = 50,
                  device: str | torch.device = "cpu", fusion: Fusion | None = None):
-        check_method(method, fusion)
+        check_method(method, fusion, model)
         if method not in ("greedy_search", *BEAM_METHODS):
             raise ZipasrError(f"{method} decodes whole utterances: chunk-wise streaming "
                               f"decodes with greedy_search or {', '.join(BEAM_METHODS)}")

@@ -196,7 +196,7 @@ class Transcriber:
         from zipasr.decode.driver import prepare_causal
         from zipasr.decode.search import check_method
 
-        check_method(method, fusion)
+        check_method(method, fusion, model)
         self.model, self.sp, self.method, self.beam = model, sp, method, beam
         self.fusion = fusion
         self.device = torch.device(device)
