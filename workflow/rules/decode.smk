@@ -6,19 +6,28 @@ DECODE = config["decode"]
 BEAM = DECODE["beam"]
 # (chunk, left context) pairs of a causal model's chunk-wise streaming decoding
 PAIRS = [(s["chunk_size"], s["left_context_frames"]) for s in DECODE.get("streaming", [])]
-# the LM methods' scales (icefall's shallow fusion / LODR weights), part of their result keys
-LM_SCALES = {"modified_beam_search_lm_shallow_fusion": {"lm_scale": DECODE.get("lm_scale", 0.3)},
-             "modified_beam_search_LODR": {"lm_scale": DECODE.get("lm_scale", 0.3),
-                                           "lodr_scale": DECODE.get("lodr_scale", -0.24)}}
-# every result key of the configuration per method, in the WER table's column order; the CTC
-# searches decode whole utterances only
-KEYS = {m: [result_key(m, BEAM, **LM_SCALES.get(m, {}))]
-        + ([] if m in CTC_METHODS
-           else [result_key(m, BEAM, c, left, **LM_SCALES.get(m, {})) for c, left in PAIRS])
-        for m in DECODE["methods"]}
-# streaming result key -> (chunk, left context)
-STREAMING = {result_key(m, BEAM, c, left, **LM_SCALES.get(m, {})): (c, left)
-             for m in KEYS if m not in CTC_METHODS for c, left in PAIRS}
+
+
+def lm_scales(method):
+    """The LM methods' scales (icefall's shallow fusion / LODR weights), part of their result
+    keys and options; none for the other methods."""
+    if method not in LM_METHODS:
+        return {}
+    if method == "modified_beam_search_LODR":
+        return {"lm_scale": DECODE["lm_scale"], "lodr_scale": DECODE["lodr_scale"]}
+    return {"lm_scale": DECODE["lm_scale"]}
+
+
+# every result key of the configuration per method, in the WER table's column order, and the
+# streaming ones' (chunk, left context); the CTC searches decode whole utterances only
+KEYS = {}
+STREAMING = {}
+for _m in DECODE["methods"]:
+    KEYS[_m] = [result_key(_m, BEAM, **lm_scales(_m))]
+    for _c, _left in [] if _m in CTC_METHODS else PAIRS:
+        _key = result_key(_m, BEAM, _c, _left, **lm_scales(_m))
+        KEYS[_m].append(_key)
+        STREAMING[_key] = (_c, _left)
 # checked now, not after training: a non-causal model or a chunk it cannot decode with
 check_chunks(PAIRS, "decode.streaming")
 if set(DECODE["methods"]) & set(CTC_METHODS) and not MODEL_CONFIG.use_ctc:
@@ -46,7 +55,7 @@ def decode_args(wildcards, input):
     args = f"--max-duration {DECODE['max_duration']}"
     if not wildcards.method.endswith("greedy_search"):
         args += f" --beam {BEAM}"
-    scales = LM_SCALES.get(wildcards.method, {})
+    scales = lm_scales(wildcards.method)
     if "lm_scale" in scales:
         args += f" --lm {input.lm} --lm-scale {scales['lm_scale']}"
     if "lodr_scale" in scales:
