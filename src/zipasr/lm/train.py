@@ -234,9 +234,8 @@ def train_lm(train: Sequence[Sequence[int]], valid: Sequence[Sequence[int]], out
         "train_config": asdict(cfg), "fingerprint": fp, "threads": torch.get_num_threads(),
         **(extra or {}),
     }
-    with atomic_path(out_dir / LM_FILE) as tmp:
-        torch.save({"model": model.state_dict(), "lm_config": lm_config.to_dict(),
-                    "summary": summary}, tmp)
+    _save(out_dir / LM_FILE, {"model": model.state_dict(), "lm_config": lm_config.to_dict(),
+                               "summary": summary})
     write_summary(out_dir, summary)
     return summary
 
