@@ -30,6 +30,9 @@ RERUNS: list[tuple[dict[str, Any], dict[str, int]]] = [
     ({"bpe": {"vocab_size": 90}}, {"bpe": 1, **AFTER_TRAIN}),
     ({"average": {"use_averaged_model": True}},
      {"average": 1, "decode": 4, "score": 1, "export": 1, "plots": 1, "all": 1}),
+    # the last batches instead of whole epochs: another averaged model, the same training
+    ({"average": {"use_averaged_model": True, "last_batches": 8}},
+     {"average": 1, "decode": 4, "score": 1, "export": 1, "plots": 1, "all": 1}),
     # the beam: beam-search decoding only (greedy search does not read it)
     ({"decode": {"beam": 2}}, {"decode": 2, "score": 1, "plots": 1, "all": 1}),
     # fewer methods: the table is remade from the decodings that exist

@@ -261,3 +261,27 @@ def test_train_rejects_model_vocab_size_other_than_the_bpe_models(tmp_path: Path
     # the BPE model's size, given or not, builds the model
     assert build({"preset": "xs", "vocab_size": 24}).model_config.vocab_size == 24
     assert build({"preset": "xs"}).model_config.vocab_size == 24
+
+
+def test_average_last_batches_plans_its_window(workdir: Path) -> None:
+    """average.last_batches: the average rule gets --last-batches instead of --avg, the model
+    its own name, and a window longer than the checkpoints kept fails at load."""
+    cfg = _smoke(average={"use_averaged_model": True, "last_batches": 8},
+                 train={"save_every_n": 4, "keep_last_k": 3})
+    out = snakemake(workdir, cfg, "-n", "-p").stdout
+    avg_cmd = _shell_command(out, " average ")
+    assert avg_cmd[avg_cmd.index("--last-batches") + 1] == "8" and "--avg" not in avg_cmd
+    assert avg_cmd[avg_cmd.index("--out") + 1] == \
+        "exp/smoke/epoch-1_last-8-batches_use-averaged-model.pt"
+    for average, train, message in (
+            ({"use_averaged_model": True, "last_batches": 9}, {"save_every_n": 4, "keep_last_k": 3},
+             "average.last_batches 9 reaches further back than the checkpoints kept: "
+             "train.keep_last_k 3 x save_every_n 4 batches; raise keep_last_k to at least 4"),
+            ({"use_averaged_model": False, "last_batches": 8}, {},
+             "average.last_batches needs average.use_averaged_model: true"),
+            ({"use_averaged_model": True, "last_batches": 8, "epoch": 1}, {"num_epochs": 2},
+             "average.epoch before the last epoch needs train.keep_last_k: 0")):
+        proc = snakemake(workdir, _smoke(average=average, train=train), "-n", check=False)
+        got = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "WorkflowError" in got and message in got, got[-2000:]
+        assert "Job stats:" not in got

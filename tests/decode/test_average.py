@@ -183,3 +183,43 @@ def test_average_command(tmp_path: Path) -> None:
     want = {k: (_snapshot(16)[k].float().double() + _snapshot(23)[k].float().double()) / 2
             for k in ("w", "b")}
     _close(saved["model"], want)
+
+
+def test_last_batches(tmp_path: Path) -> None:
+    """--last-batches N: from the newest checkpoint-B.pt with B <= b_end - N to epoch-E.pt,
+    the uniform average of the snapshots in between (b_end 40 rounds down to 39)."""
+    _train(tmp_path, [20, 40], iter_saves=[6, 12, 18, 24, 30, 36])
+    sd, info = average_exp_dir(tmp_path, epoch=2, last_batches=10, use_averaged_model=True)
+    _close(sd, _uniform(30, 39))  # 40 - 10 = 30: checkpoint-30 itself qualifies
+    assert [Path(f).name for f in info["files"]] == ["checkpoint-30.pt", "epoch-2.pt"]
+    assert info["last_batches"] == 10
+    sd, info = average_exp_dir(tmp_path, epoch=2, last_batches=11, use_averaged_model=True)
+    _close(sd, _uniform(24, 39))  # 29 -> the newest at or before it: 24 (a longer window)
+    assert [Path(f).name for f in info["files"]] == ["checkpoint-24.pt", "epoch-2.pt"]
+    # an earlier epoch: checkpoints after its end are not candidates
+    sd, info = average_exp_dir(tmp_path, epoch=1, last_batches=5, use_averaged_model=True)
+    _close(sd, _uniform(12, 18))
+    assert [Path(f).name for f in info["files"]] == ["checkpoint-12.pt", "epoch-1.pt"]
+    # more batches than were trained: the whole run (epoch-2's own model_avg)
+    sd, info = average_exp_dir(tmp_path, epoch=2, last_batches=40, use_averaged_model=True)
+    _close(sd, _uniform(0, 39))
+    assert [Path(f).name for f in info["files"]] == ["epoch-2.pt"]
+    # through the command, and the file records the window
+    out = tmp_path / "last.pt"
+    assert _cli("average", "--exp-dir", str(tmp_path), "--epoch", "2", "--last-batches", "10",
+                "--use-averaged-model", "--out", str(out)) == 0
+    saved = torch.load(out, weights_only=True)
+    _close(saved["model"], _uniform(30, 39))
+    assert saved["average"]["last_batches"] == 10
+
+
+def test_last_batches_errors(tmp_path: Path) -> None:
+    _train(tmp_path, [20, 40], iter_saves=[30, 36])  # older checkpoints pruned
+    with pytest.raises(ZipasrError, match=r"needs a checkpoint-B.pt with B <= 25 .*keep_last_k"):
+        average_exp_dir(tmp_path, epoch=2, last_batches=15, use_averaged_model=True)
+    with pytest.raises(ZipasrError, match="--use-averaged-model"):
+        average_exp_dir(tmp_path, epoch=2, last_batches=10)
+    with pytest.raises(ZipasrError, match="--epoch"):
+        average_exp_dir(tmp_path, iteration=36, last_batches=10, use_averaged_model=True)
+    with pytest.raises(ZipasrError, match=">= 1"):
+        average_exp_dir(tmp_path, epoch=2, last_batches=0, use_averaged_model=True)

@@ -115,6 +115,7 @@ def test_result_names() -> None:
     """The names the rules declare and `zipasr decode` writes (one implementation)."""
     assert model_name(30, 9, True) == "epoch-30_avg-9_use-averaged-model"
     assert model_name(1, 1, False) == "epoch-1_avg-1"
+    assert model_name(2, 1, True, 1000) == "epoch-2_last-1000-batches_use-averaged-model"
     assert result_key("greedy_search", 4) == "greedy_search"
     assert result_key("modified_beam_search", 2) == "modified_beam_search_beam-size-2"
     assert result_file("errs", "test-clean", "greedy_search", "epoch-1_avg-1") == (

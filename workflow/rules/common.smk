@@ -29,7 +29,6 @@ try:
     MODEL_CONFIG = ZipformerConfig.from_dict(config["model"])
 except (KeyError, TypeError, ValueError) as e:
     raise WorkflowError(f"model: {e}") from None
-AVG_NAME = model_name(AVG_EPOCH, config["average"]["avg"], config["average"]["use_averaged_model"])
 # ONNX export settings (export.smk); config.yaml has them all, the defaults only cover a config
 # that bypasses it
 EXPORT = {"onnx": True, "int8": True, "opset": 13, **config.get("export", {})}
@@ -66,6 +65,27 @@ if "vocab_size" in config["model"] and config["model"]["vocab_size"] != config["
         f"{config['bpe']['vocab_size']}: the model's output size is the BPE model's; "
         f"drop model.vocab_size (or set it to {config['bpe']['vocab_size']})"
     )
+# average.last_batches: the last N batches of the epoch instead of whole epochs. The start is a
+# checkpoint-B.pt at least N batches before the end, so enough of them must survive pruning
+# (the newest keep_last_k, every save_every_n batches); checked now, not after training
+# (after the corpus checks: an overlay given without its base is named first).
+LAST_BATCHES = config["average"].get("last_batches")
+if LAST_BATCHES is not None:
+    if not config["average"]["use_averaged_model"]:
+        raise WorkflowError("average.last_batches needs average.use_averaged_model: true")
+    _keep = config["train"].get("keep_last_k", 30)
+    _every = config["train"].get("save_every_n", 4000)
+    if AVG_EPOCH != config["train"]["num_epochs"] and _keep > 0:
+        raise WorkflowError(
+            "average.last_batches with average.epoch before the last epoch needs "
+            "train.keep_last_k: 0 (keep every checkpoint): later ones would prune its window")
+    if _keep > 0 and (_keep - 1) * _every < LAST_BATCHES:
+        raise WorkflowError(
+            f"average.last_batches {LAST_BATCHES} reaches further back than the checkpoints "
+            f"kept: train.keep_last_k {_keep} x save_every_n {_every} batches; raise "
+            f"keep_last_k to at least {-(-LAST_BATCHES // _every) + 1}")
+AVG_NAME = model_name(AVG_EPOCH, config["average"]["avg"], config["average"]["use_averaged_model"],
+                      LAST_BATCHES)
 
 
 wildcard_constraints:

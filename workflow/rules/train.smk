@@ -69,7 +69,9 @@ rule average:
     benchmark:
         f"logs/average/{EXP_NAME}-{AVG_NAME}.benchmark.tsv"
     shell:
-        "zipasr average --exp-dir {EXP} --epoch {params.epoch} --avg {params.avg[avg]}"
+        "zipasr average --exp-dir {EXP} --epoch {params.epoch}"
+        + (f" --last-batches {LAST_BATCHES}" if LAST_BATCHES is not None
+           else " --avg {params.avg[avg]}")
         + (" --use-averaged-model" if config["average"]["use_averaged_model"]
            else " --no-use-averaged-model")
         + " --out {output} 2> {log}"

@@ -169,8 +169,30 @@ def _iter_files(exp_dir: Path, iteration: int) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def _last_batches_start(exp_dir: Path, end: Path, last_batches: int) -> Path | None:
+    """The newest ``checkpoint-B.pt`` with B <= b_end - last_batches (the window then holds at
+    least ``last_batches`` batches, at most ``save_every_n`` more); None when training had no
+    more than ``last_batches`` batches by ``end`` (the window starts at batch 0)."""
+    b_end = load_checkpoint(end).get("batch_idx_train")
+    if b_end is None:
+        raise ZipasrError(f"{end} has no batch_idx_train: cannot average its last batches")
+    limit = int(b_end) - last_batches
+    if limit <= 0:
+        log.warning("%s is at batch %d: --last-batches %d averages the whole run", end, b_end,
+                    last_batches)
+        return None
+    cands = _iter_files(exp_dir, limit)
+    if not cands:
+        raise ZipasrError(
+            f"--last-batches {last_batches} from {end} (batch {b_end}) needs a checkpoint-B.pt "
+            f"with B <= {limit} in {exp_dir}, and there is none: train with keep_last_k >= "
+            f"last_batches / save_every_n + 1 (older checkpoints are pruned)")
+    return cands[0]
+
+
 def average_exp_dir(exp_dir: str | Path, *, epoch: int | None = None, iteration: int | None = None,
-                    avg: int = 1, use_averaged_model: bool = False
+                    avg: int = 1, use_averaged_model: bool = False,
+                    last_batches: int | None = None
                     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """icefall's ``decode.py`` model selection from an experiment dir.
 
@@ -178,6 +200,10 @@ def average_exp_dir(exp_dir: str | Path, *, epoch: int | None = None, iteration:
     running average between epoch-(E-A).pt (excluded) and epoch-E.pt.
     ``iteration=I``: the same over ``checkpoint-B.pt`` files with B <= I (the A newest, or
     the newest and the A-th older one).
+    ``last_batches=N`` (with ``epoch`` and ``use_averaged_model``, instead of ``avg``): the
+    running average over the last N batches (or up to ``save_every_n`` more) before the end of
+    epoch E, between the newest ``checkpoint-B.pt`` at least N batches older and epoch-E.pt.
+    A short run's best weights are its last ones: whole epochs would reach back too far.
     Returns (state dict, info) where info names the files and the end checkpoint's
     ``model_config`` (None if absent).
     """
@@ -186,7 +212,17 @@ def average_exp_dir(exp_dir: str | Path, *, epoch: int | None = None, iteration:
         raise ZipasrError("give exactly one of --epoch and --iter")
     if avg < 1:
         raise ZipasrError(f"--avg must be >= 1, got {avg}")
-    if epoch is not None:
+    if last_batches is not None:
+        if epoch is None or not use_averaged_model:
+            raise ZipasrError("--last-batches goes with --epoch and --use-averaged-model (the "
+                              "running average is what makes any window exact)")
+        if last_batches < 1:
+            raise ZipasrError(f"--last-batches must be >= 1, got {last_batches}")
+        end = _epoch_file(exp_dir, epoch)
+        start = _last_batches_start(exp_dir, end, last_batches)
+        files = [p for p in (start, end) if p is not None]
+        sd, model_config = _average_with_averaged_model(start, end)
+    elif epoch is not None:
         if use_averaged_model:
             if epoch - avg < 0:
                 raise ZipasrError(f"--epoch {epoch} --avg {avg}: need epoch >= avg")
@@ -217,5 +253,6 @@ def average_exp_dir(exp_dir: str | Path, *, epoch: int | None = None, iteration:
             files = cands[:avg][::-1]
             sd, model_config = _average_checkpoints(files)
     info = {"files": [str(p) for p in files], "use_averaged_model": use_averaged_model,
-            "epoch": epoch, "iter": iteration, "avg": avg, "model_config": model_config}
+            "epoch": epoch, "iter": iteration, "avg": avg, "last_batches": last_batches,
+            "model_config": model_config}
     return sd, info

@@ -122,6 +122,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--epoch", type=int, help="end epoch E (uses epoch-*.pt)")
     g.add_argument("--iter", type=int, help="end batch index I (uses checkpoint-*.pt <= I)")
     p.add_argument("--avg", type=int, default=1, help="number of epochs/checkpoints averaged")
+    p.add_argument("--last-batches", type=int, default=None, metavar="N",
+                   help="instead of --avg: the running average over the last N batches of "
+                        "epoch E (from the newest checkpoint-B.pt at least N batches older; "
+                        "needs --epoch and --use-averaged-model)")
     p.add_argument("--use-averaged-model", action=argparse.BooleanOptionalAction, default=False,
                    help="icefall's model_avg formula between epoch-(E-avg) and epoch-E "
                         "(what its published WERs use); default: plain averaging")
@@ -169,7 +173,8 @@ def _average(args: argparse.Namespace) -> int:
     from zipasr.io import atomic_path
 
     sd, info = average_exp_dir(args.exp_dir, epoch=args.epoch, iteration=args.iter,
-                               avg=args.avg, use_averaged_model=args.use_averaged_model)
+                               avg=args.avg, use_averaged_model=args.use_averaged_model,
+                               last_batches=args.last_batches)
     model_config = info.pop("model_config")
     out = {"model": sd, "model_config": model_config, "average": info}
     with atomic_path(args.out) as tmp:

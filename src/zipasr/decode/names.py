@@ -3,7 +3,8 @@ rules (which declare the files) and ``zipasr decode`` (which writes them) both c
 the two cannot drift apart. No heavy imports: the Snakefile imports this module.
 
 * averaged model: ``epoch-{E}_avg-{A}[_use-averaged-model]`` (icefall's ``--epoch``/``--avg``
-  suffix), the ``.pt`` file's stem and the result files' suffix;
+  suffix; ``epoch-{E}_last-{N}-batches_use-averaged-model`` for ``zipasr average
+  --last-batches N``), the ``.pt`` file's stem and the result files' suffix;
 * result key: ``greedy_search`` or ``modified_beam_search_beam-size-{beam}`` (icefall's), LM
   methods with their scales, streaming ones with ``-chunk-{C}-left-context-{L}``;
 * result file: ``{kind}-{test_set}-{key}[-{suffix}].txt``, kind one of :data:`RESULT_KINDS`.
@@ -25,9 +26,12 @@ CTC_METHODS = ("ctc_greedy_search", "ctc_prefix_beam_search")
 """The methods that decode the CTC head (a model trained with ``model.use_ctc``)."""
 
 
-def model_name(epoch: int, avg: int, use_averaged_model: bool) -> str:
-    """``epoch-30_avg-9_use-averaged-model``, ``epoch-1_avg-1``."""
-    return f"epoch-{epoch}_avg-{avg}" + ("_use-averaged-model" if use_averaged_model else "")
+def model_name(epoch: int, avg: int, use_averaged_model: bool,
+               last_batches: int | None = None) -> str:
+    """``epoch-30_avg-9_use-averaged-model``, ``epoch-1_avg-1``; averaged over the last
+    batches of the epoch instead of whole epochs: ``epoch-2_last-1000-batches_use-averaged-model``."""
+    span = f"last-{last_batches}-batches" if last_batches is not None else f"avg-{avg}"
+    return f"epoch-{epoch}_{span}" + ("_use-averaged-model" if use_averaged_model else "")
 
 
 def result_key(method: str, beam: int, chunk_size: int | None = None,

@@ -44,7 +44,7 @@ CURVES_SIZE = (9.0, 6.0)
 WER_SIZE = (8.0, 4.5)
 
 # the averaged model's name at the end of a WER table column (zipasr.decode.names.model_name)
-_MODEL = re.compile(r"-(epoch-\d+_avg-\d+(?:_use-averaged-model)?)$")
+_MODEL = re.compile(r"-(epoch-\d+_(?:avg-\d+|last-\d+-batches)(?:_use-averaged-model)?)$")
 
 
 # -- reading ---------------------------------------------------------------------------------
