@@ -29,7 +29,8 @@ CTC_METHODS = ("ctc_greedy_search", "ctc_prefix_beam_search")
 def model_name(epoch: int, avg: int, use_averaged_model: bool,
                last_batches: int | None = None) -> str:
     """``epoch-30_avg-9_use-averaged-model``, ``epoch-1_avg-1``; averaged over the last
-    batches of the epoch instead of whole epochs: ``epoch-2_last-1000-batches_use-averaged-model``."""
+    batches of the epoch instead of whole epochs:
+    ``epoch-2_last-1000-batches_use-averaged-model``."""
     span = f"last-{last_batches}-batches" if last_batches is not None else f"avg-{avg}"
     return f"epoch-{epoch}_{span}" + ("_use-averaged-model" if use_averaged_model else "")
 
