@@ -14,7 +14,8 @@ The start of the run is the first Snakemake log's time stamp in ``.snakemake/log
 --use-averaged-model` gives (the running average over the last ``--avg`` checkpoint intervals,
 fewer at the start): the raw weights of a checkpoint are far worse than the averaged model
 `make run` decodes (17-20 % against 9.2 % on the 2026-12-06 default). The run's own averaged
-model (what the WER table holds) is the last row.
+model (what the WER table holds) is the last row. ``--cuts`` of another part (dev) gives the
+curve that recipe choices are made on.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def main() -> None:
         return int(m.group(1)) if m else 10**9
 
     files = sorted(exp.glob("checkpoint-*.pt"), key=batch_of)
-    averaged = sorted(exp.glob("epoch-*_avg-*.pt"), key=lambda f: f.stat().st_mtime)
+    # the DAG's averaged model: epoch-E_avg-A[...].pt or epoch-E_last-N-batches[...].pt
+    averaged = sorted(exp.glob("epoch-*_*.pt"), key=lambda f: f.stat().st_mtime)
     rows = []
     tmp = Path(tempfile.mkdtemp()) / "averaged.pt"
     for i, f in enumerate(files + averaged[-1:]):
