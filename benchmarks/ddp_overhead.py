@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -25,21 +26,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from zipasr.model import Transducer, set_batch_count
-from zipasr.optim import Eden, ScaledAdam, get_parameter_groups_with_lrs
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step.py beside this file
+from train_step import make_batch, setup  # noqa: E402
 
 MODES = ("none", "ddp", "ddp-view", "flat")
-
-
-def load_make_batch():
-    """train_step.py's batch maker (benchmarks/ is not a package: loaded by path)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "train_step", Path(__file__).with_name("train_step.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.make_batch
 
 
 def flat_all_reduce(params: list[torch.nn.Parameter], world_size: int) -> None:
@@ -56,19 +46,13 @@ def flat_all_reduce(params: list[torch.nn.Parameter], world_size: int) -> None:
         offset += n
 
 
-def run(mode: str, steps: int, batches: list, rank: int, world_size: int) -> float:
-    torch.manual_seed(0)
-    model = Transducer.from_preset("demo", vocab_size=1000)
-    model.train()
-    set_batch_count(model, 100000.0)
+def run(mode: str, steps: int, batches: list, world_size: int) -> float:
+    model, opt, sched = setup("demo", 1000)
     forward = model
     if mode in ("ddp", "ddp-view"):
         forward = DistributedDataParallel(model, find_unused_parameters=True,
                                           gradient_as_bucket_view=mode == "ddp-view")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = ScaledAdam(get_parameter_groups_with_lrs(model, lr=0.045, include_names=True),
-                     lr=0.045, clipping_scale=2.0)
-    sched = Eden(opt, 7500, 3.5)
     dist.barrier()
     elapsed, audio = 0.0, 0.0
     for step in range(steps + 1):
@@ -98,14 +82,13 @@ def main() -> None:
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)  # ScaledAdam's clipping reports
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    make_batch = load_make_batch()
     batches = [make_batch(args.batch_seconds, 5.0, 1000, 1000 * rank + i)
                for i in range(args.steps + 1)]
     results: dict[str, list[float]] = {m: [] for m in args.modes}
     for _ in range(args.rounds):
         for mode in args.modes:
             gathered: list = [None] * world_size
-            dist.all_gather_object(gathered, run(mode, args.steps, batches, rank, world_size))
+            dist.all_gather_object(gathered, run(mode, args.steps, batches, world_size))
             results[mode].append(sum(gathered) / world_size)
     if rank == 0:
         base = sum(results[args.modes[0]]) / args.rounds

@@ -29,15 +29,21 @@ def make_batch(batch_seconds: float, utt_seconds: float, vocab: int, seed: int):
     return x, x_lens, y, n * utt_seconds
 
 
-def bench(preset: str, batch_seconds: float, utt_seconds: float, steps: int, vocab: int,
-          precision: str) -> dict:
+def setup(preset: str, vocab: int) -> tuple[Transducer, ScaledAdam, Eden]:
+    """The model in training mode past its warm-up (the steady-state cost), its optimizer and
+    schedule, as the training loop builds them."""
     torch.manual_seed(0)
     model = Transducer.from_preset(preset, vocab_size=vocab)
     model.train()
-    set_batch_count(model, 100000.0)  # past warm-up: the steady-state cost
+    set_batch_count(model, 100000.0)
     opt = ScaledAdam(get_parameter_groups_with_lrs(model, lr=0.045, include_names=True),
                      lr=0.045, clipping_scale=2.0)
-    sched = Eden(opt, 7500, 3.5)
+    return model, opt, Eden(opt, 7500, 3.5)
+
+
+def bench(preset: str, batch_seconds: float, utt_seconds: float, steps: int, vocab: int,
+          precision: str) -> dict:
+    model, opt, sched = setup(preset, vocab)
     dtype = torch.bfloat16 if precision == "bf16" else None
     joiner_bf16 = precision == "fp32-jbf16"  # fp32 with train.joiner_bf16
     times = []
