@@ -309,8 +309,13 @@ def test_bias_norm_backward_matches_float64_autograd(channel_dim):
     y64 = x64 / ((x64 - b64.reshape(b_shape)) ** 2).mean(cd, keepdim=True).sqrt() * s64.exp()
     y64.backward(g.double())
     assert rel(xr.grad, x64.grad) < 1e-6
-    assert rel(m.bias.grad, b64.grad) < 1e-5  # a sum of cancelling terms
-    assert rel(m.log_scale.grad, s64.grad) < 1e-5
+    # The log_scale gradient is sum(g * y) over all 420 elements, terms of either sign: when
+    # they nearly cancel, float32 rounding of the same sum is large against the result (up
+    # to 8.6e-5 relative over random inputs) but not against the terms, which is what a
+    # float32 sum can promise. Likewise the bias gradient, a sum over positions.
+    terms = (g.double() * y64).detach()
+    assert abs(float(m.log_scale.grad) - float(s64.grad)) < 1e-6 * float(terms.abs().sum())
+    assert rel(m.bias.grad, b64.grad) < 1e-5
 
 
 @pytest.mark.parametrize("groups,frames", [(1, 300), (4, 300), (1, 10), (2, 5)])
@@ -345,7 +350,9 @@ def test_balancer_backward_matches_previous(shape, channel_dim):
               scaling._abs_to_rms(0.5), scaling._abs_to_rms(1.0), 0.04, channel_dim % len(shape))
     expected = old_balancer_backward(x.double(), g.double(), config)
     assert not torch.equal(xr.grad, g)  # the constraint did act
-    assert rel(xr.grad, expected) < 1e-6
+    # float32 statistics of off-centre channels against float64: up to 8.6e-7 over 40 random
+    # inputs per shape (median 3e-7); a wrong term would be off by 1e-3 or more
+    assert rel(xr.grad, expected) < 2e-6
 
 
 # ---------------------------------------------------------------------------------------
@@ -386,22 +393,25 @@ def test_xs_inference_matches_float64(xs_pair):
         m.eval()
         with torch.inference_mode():
             outs.append(m.forward_encoder(x.to(dtype), x_lens)[0])
-    assert rel(*outs) < 1e-6
+    # float32 rounding through the encoder: 5-7e-7 of the largest output over 16 inputs and
+    # four CPU kernel choices (AVX-512, AVX2, default, oneDNN limited to AVX2)
+    assert rel(*outs) < 2e-6
 
 
-def test_xs_training_step_matches_float64(xs_pair):
+@pytest.mark.parametrize("draws", [1, 2, 3])
+def test_xs_training_step_matches_float64(xs_pair, draws):
     """Encoder training forward + backward (dropout, layer skipping, balancers, whitening,
-    the penalty draws) in float32 vs float64 with the same random draws. The Conv-Embed
-    runs in eval mode without autograd: its stochastically rounded derivatives and its
-    noise draws depend on the dtype, so float32 and float64 would not be the same
-    computation there."""
+    the penalty draws) in float32 vs float64 with the same random draws (seeded by
+    ``draws``). The Conv-Embed runs in eval mode without autograd: its stochastically
+    rounded derivatives and its noise draws depend on the dtype, so float32 and float64
+    would not be the same computation there."""
     model, model64, x, x_lens = xs_pair
     results = []
     for m, dtype in ((model, torch.float32), (model64, torch.float64)):
         m.train()
         m.encoder_embed.eval()
         m.zero_grad()
-        seeded()
+        seeded(draws)
         with torch.no_grad():
             e, e_lens = m.encoder_embed(x.to(dtype), x_lens)
         e = e.clone().requires_grad_()
@@ -411,17 +421,22 @@ def test_xs_training_step_matches_float64(xs_pair):
         grads = {n: p.grad for n, p in m.encoder.named_parameters() if p.grad is not None}
         results.append((out, e.grad, grads))
     (out, e_grad, grads), (out64, e_grad64, grads64) = results
-    assert rel(out, out64) < 1e-6
-    assert rel(e_grad, e_grad64) < 1e-6
+    # Bounds ~2.5x the largest float32-vs-float64 differences measured over 12 draw seeds
+    # and four CPU kernel choices (AVX-512, AVX2, default, oneDNN limited to AVX2): output
+    # 6.6e-7, input gradient 2.0e-6, worst parameter gradient 7.6e-6 of the largest
+    # gradient, typical tensor 1.4e-6. The worst parameter gradient varies most with the
+    # draws (median over seeds 1.0-1.6e-6); a wrong formula anywhere is off by 1e-4 or more.
+    assert rel(out, out64) < 2e-6
+    assert rel(e_grad, e_grad64) < 5e-6
     assert grads.keys() == grads64.keys() and len(grads) > 100
-    # Parameter gradients: within 1e-6 of the largest gradient, and per tensor for the
-    # typical tensor. A few are sums that cancel to almost nothing (a key bias, which
-    # attention is invariant to, has an exact gradient of 0), where float32 rounding of
-    # the same computation, old or new, is far above 1e-6 relative.
+    # Parameter gradients: against the largest gradient, and per tensor for the typical
+    # tensor. A few are sums that cancel to almost nothing (a key bias, which attention is
+    # invariant to, has an exact gradient of 0), where float32 rounding of the same
+    # computation is far above these bounds relative to the tensor itself.
     scale = max(float(g.abs().max()) for g in grads64.values())
-    assert max(float((grads[k].double() - grads64[k]).abs().max()) for k in grads) < 1e-6 * scale
+    assert max(float((grads[k].double() - grads64[k]).abs().max()) for k in grads) < 2e-5 * scale
     per_tensor = sorted(rel(grads[k], grads64[k]) for k in grads)
-    assert per_tensor[len(per_tensor) // 2] < 1e-6
+    assert per_tensor[len(per_tensor) // 2] < 4e-6
 
 
 def test_traced_encoder_follows_the_sequence_length(xs_pair):
