@@ -132,8 +132,13 @@ def test_pruned_search_scores_are_lower_bounds_and_batch_independent() -> None:
                 assert r.log_prob <= ref[tuple(r.tokens)] + 1e-12
             alone = ctc_prefix_beam_search_nbest(lp[i:i + 1, :n], lens[i:i + 1], beam=beam,
                                                  token_beam=token_beam)[0]
-            assert alone == nbest[i]
+            assert [r.tokens for r in alone] == [r.tokens for r in nbest[i]]
             assert [r.frames for r in alone] == [r.frames for r in nbest[i]]
+            # The same sums, but torch's vector kernels may split a batch's rows and one
+            # row differently into vector body and tail: the last bit can differ (it does
+            # with ATEN_CPU_CAPABILITY=avx2), so the scores agree to float64 rounding.
+            assert [r.log_prob for r in alone] == pytest.approx(
+                [r.log_prob for r in nbest[i]], rel=1e-13, abs=1e-13)
 
 
 def _log_add(a: float, b: float) -> float:
