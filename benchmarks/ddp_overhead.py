@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step.py beside this file
-from train_step import make_batch, setup  # noqa: E402
+from train_step import make_batch, one_step, setup  # noqa: E402
 
 MODES = ("none", "ddp", "ddp-view", "flat")
 
@@ -55,19 +55,13 @@ def run(mode: str, steps: int, batches: list, world_size: int) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     dist.barrier()
     elapsed, audio = 0.0, 0.0
+    sync = (lambda: flat_all_reduce(params, world_size)) if mode == "flat" else None
     for step in range(steps + 1):
-        x, x_lens, y, secs = batches[step]
         t0 = time.perf_counter()
-        simple, pruned, _ = forward(x, x_lens, y)
-        (0.5 * simple + pruned).backward()
-        if mode == "flat":
-            flat_all_reduce(params, world_size)
-        sched.step_batch(step)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        one_step(forward, opt, sched, step, batches[step], sync=sync)
         if step:  # the first step pays one-time costs
             elapsed += time.perf_counter() - t0
-            audio += secs
+            audio += batches[step][3]
     return audio / elapsed
 
 

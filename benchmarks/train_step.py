@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -41,6 +43,23 @@ def setup(preset: str, vocab: int) -> tuple[Transducer, ScaledAdam, Eden]:
     return model, opt, Eden(opt, 7500, 3.5)
 
 
+def one_step(forward: Callable, opt: ScaledAdam, sched: Eden, step: int, batch: tuple,
+             sync: Callable[[], None] | None = None,
+             autocast: AbstractContextManager | None = None, **kwargs) -> None:
+    """One training step as the loop runs it past warm-up: forward with the pruned RNN-T loss
+    (under ``autocast`` if given; ``kwargs`` go to the forward), loss 0.5 simple + pruned,
+    backward, ``sync`` (e.g. a gradient all-reduce) if given, then Eden and ScaledAdam."""
+    x, x_lens, y, _ = batch
+    with autocast or nullcontext():
+        simple, pruned, _ = forward(x, x_lens, y, **kwargs)
+    (0.5 * simple + pruned).backward()
+    if sync is not None:
+        sync()
+    sched.step_batch(step)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def bench(preset: str, batch_seconds: float, utt_seconds: float, steps: int, vocab: int,
           precision: str) -> dict:
     model, opt, sched = setup(preset, vocab)
@@ -49,15 +68,12 @@ def bench(preset: str, batch_seconds: float, utt_seconds: float, steps: int, voc
     times = []
     audio = 0.0
     for step in range(steps + 1):
-        x, x_lens, y, secs = make_batch(batch_seconds, utt_seconds, vocab, step)
+        batch = make_batch(batch_seconds, utt_seconds, vocab, step)
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            simple, pruned, _ = model(x, x_lens, y, joiner_bf16=joiner_bf16)
-        loss = 0.5 * simple + pruned
-        loss.backward()
-        sched.step_batch(step)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        one_step(model, opt, sched, step, batch, joiner_bf16=joiner_bf16,
+                 autocast=torch.autocast("cpu", dtype=dtype or torch.float32,
+                                         enabled=dtype is not None))
+        secs = batch[3]
         if step:  # the first step pays one-time costs (numba compile, allocations)
             times.append(time.perf_counter() - t0)
             audio += secs

@@ -312,7 +312,8 @@ def test_bias_norm_backward_matches_float64_autograd(channel_dim):
     # The log_scale gradient is sum(g * y) over all 420 elements, terms of either sign: when
     # they nearly cancel, float32 rounding of the same sum is large against the result (up
     # to 8.6e-5 relative over random inputs) but not against the terms, which is what a
-    # float32 sum can promise. Likewise the bias gradient, a sum over positions.
+    # float32 sum can promise. (The bias gradient, a sum over positions, keeps 1e-5 of its
+    # result: 3.4e-7 at most over the same inputs.)
     terms = (g.double() * y64).detach()
     assert abs(float(m.log_scale.grad) - float(s64.grad)) < 1e-6 * float(terms.abs().sum())
     assert rel(m.bias.grad, b64.grad) < 1e-5
